@@ -1,0 +1,32 @@
+"""`python -m gpt2kids.convert SPEC OUTDIR`: any GPT-2 checkpoint -> a clean HF-format folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gpt2kids.errors import UserError, run_cli
+from gpt2kids.hf import export, load_model, load_tokenizer
+from gpt2kids.tokenizer import tokenizer_files_in
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2kids.convert", description=__doc__)
+    parser.add_argument("spec", help="hub id, HF folder, pytorch_model.bin, sharded or prefix-less save")
+    parser.add_argument("out_dir", type=Path, help="folder to write (config.json, model.safetensors, tokenizer)")
+    args = parser.parse_args(argv)
+    model, folder = load_model(args.spec)
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        raise UserError(f"{args.out_dir} already exists and is not empty; choose a new output folder")
+    tokenizer = load_tokenizer(folder) if tokenizer_files_in(folder) else None
+    if tokenizer is None:
+        print(f"warning: {folder} has no tokenizer files; the export holds weights and config only",
+              file=sys.stderr)
+    export(model, tokenizer, args.out_dir)
+    print(f"wrote {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,238 @@
+"""Hugging Face <-> gpt2kids: read any GPT-2 checkpoint, write HF-format folders.
+
+Reading accepts a hub id (downloaded once through huggingface_hub and cached), an HF folder with
+`model.safetensors`, sharded safetensors, or a `pytorch_model.bin` (read with `weights_only=True`,
+never a full unpickle), keys with or without the `transformer.` prefix, and ignores the
+`attn.bias` / `attn.masked_bias` buffers older saves carry. A gpt2kids run folder resolves to its
+`final/` export, else `best/`.
+
+HF's GPT-2 uses Conv1D layers that store weights as (in, out); `nn.Linear` stores (out, in). The
+four such weights are transposed on the way in and on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2kids.config import GPT2Config
+from gpt2kids.errors import UserError
+from gpt2kids.io import atomic_write_text, replace_folder
+from gpt2kids.model import GPT2
+from gpt2kids.tokenizer import Tokenizer, tokenizer_files_in
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+STALE_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the dot keeps c_attn.bias out
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --- finding a checkpoint -------------------------------------------------------------------------
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub model's config, tokenizer and weights (safetensors if it has them) into the cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub comes with tokenizers
+        raise UserError("huggingface_hub is not installed; pip install huggingface_hub, "
+                        "or pass a local folder") from None
+    side_files = ["config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt",
+                  "tokenizer_config.json", "special_tokens_map.json"]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=[*side_files, "model*.safetensors",
+                                                                 "model.safetensors.index.json"]))
+        if not has_weights(folder):
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*side_files, "pytorch_model*.bin",
+                                                                     "pytorch_model.bin.index.json"]))
+    except Exception as error:  # huggingface_hub raises many classes; all mean "could not get it"
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise UserError(f"{repo_id!r} is not a local path and is not in the hub cache, and the hub is "
+                            "offline (HF_HUB_OFFLINE=1); download it once while online, or pass a local "
+                            "folder") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face "
+                        f"hub ({reason}); check the id, your network, or pass a local folder") from None
+    return folder
+
+
+def resolve(spec: str | Path) -> Path:
+    """The local folder holding the model `spec` names (downloading a hub id if needed)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.name in WEIGHT_FILES or path.suffix in (".safetensors", ".bin"):
+            return path.parent
+        raise UserError(f"{path} is a file but not a model; pass a model folder or a hub id")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        for export in ("final", "best"):  # a gpt2kids run folder
+            if (path / export / "config.json").is_file():
+                return path / export
+        raise UserError(f"{path} holds no config.json, and no final/ or best/ export; "
+                        "pass an HF model folder, a gpt2kids run folder, or a hub id")
+    if HUB_ID.match(str(spec)) and not str(spec).startswith(("./", "../", "~")):
+        return _download(str(spec))
+    raise UserError(f"{spec} does not exist; pass an existing folder or a hub id like owner/name")
+
+
+# --- reading weights ------------------------------------------------------------------------------
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: tensors and plain containers only; a pickle that would run code is refused.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).splitlines()[0]
+        raise UserError(f"{path} is not a plain weights file: it asks to run code when unpickled, which "
+                        f"gpt2kids refuses ({first}); convert it to safetensors in a trusted place") from None
+    except Exception as error:
+        raise UserError(f"{path} cannot be read as a PyTorch weights file ({error}); it may be truncated, "
+                        "re-download or re-export it") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is damaged or truncated ({error}); re-download or re-export it") from None
+
+
+def _load_sharded(index: Path, load_shard: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{index} is not a valid shard index ({error})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise UserError(f"shard {shard_path} named in {index.name} is missing; re-download the model")
+        state.update(load_shard(shard_path))
+    return state
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The raw state dict stored in an HF folder, safetensors preferred."""
+    if (folder / "model.safetensors").is_file():
+        return _load_safetensors(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").is_file():
+        return _load_sharded(folder / "model.safetensors.index.json", _load_safetensors)
+    if (folder / "pytorch_model.bin").is_file():
+        return _load_bin(folder / "pytorch_model.bin")
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return _load_sharded(folder / "pytorch_model.bin.index.json", _load_bin)
+    raise UserError(f"{folder} holds no weights (model.safetensors, a sharded index or pytorch_model.bin); "
+                    "pass a folder with a complete checkpoint")
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+    """HF GPT-2 keys and layout -> gpt2kids state dict (checked against `config`)."""
+    ours: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_state.items():
+        if key.endswith(STALE_BUFFERS) or key == "lm_head.weight":
+            continue  # causal-mask buffers of old saves; lm_head is tied to wte
+        if not key.startswith("transformer."):
+            key = "transformer." + key  # the original OpenAI upload has no prefix
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        ours[key] = tensor
+    expected = _expected_shapes(config)
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise UserError(f"the weights do not match a GPT-2 model ({'; '.join(parts)})")
+    for key, shape in expected.items():
+        if tuple(ours[key].shape) != shape:
+            raise UserError(f"weight {key} has shape {tuple(ours[key].shape)} but config.json implies {shape}; "
+                            "the weights and config.json disagree")
+    return ours
+
+
+def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = GPT2(config)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items() if key != "lm_head.weight"}
+
+
+def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
+    """gpt2kids state dict -> HF keys and layout, without the tied `lm_head.weight`."""
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        tensor = tensor.detach()
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        state[key] = tensor.contiguous().cpu()
+    return state
+
+
+# --- loading a model ------------------------------------------------------------------------------
+
+def load_model(spec: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[GPT2, Path]:
+    """Build a GPT2 from any checkpoint `resolve` understands; returns the model and its folder."""
+    folder = resolve(spec)
+    config = GPT2Config.from_json_file(folder / "config.json")
+    state = from_hf_state_dict(read_weights(folder), config)
+    with torch.device("meta"):
+        model = GPT2(config)
+    # assign=True adopts the loaded tensors instead of copying into freshly initialised ones.
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assignment
+    return model.to(device), folder
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    if not tokenizer_files_in(folder):
+        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or vocab.json + merges.txt); "
+                        "pass --tokenizer")
+    return Tokenizer.from_path(folder)
+
+
+# --- writing an HF folder -------------------------------------------------------------------------
+
+def generation_config(config: GPT2Config, **settings: object) -> dict[str, object]:
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.eos_token_id, "do_sample": True, "max_new_tokens": 100, **settings}
+
+
+def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
+           model_card: str | None = None) -> None:
+    """Write an HF-format folder atomically: the old folder stays whole until the new one is done."""
+    config = model.config
+
+    def fill(folder: Path) -> None:
+        save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_text(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        atomic_write_text(folder / "generation_config.json",
+                          json.dumps(generation_config(config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(folder, model_max_length=config.n_positions)
+        if model_card is not None:
+            atomic_write_text(folder / "README.md", model_card)
+
+    replace_folder(out_dir, fill)

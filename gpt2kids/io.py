@@ -1,0 +1,109 @@
+"""Atomic file and folder writes: a reader sees the old version or the new one, never half of one.
+
+Every write goes to a temporary name in the same folder, is flushed to disk, then renamed over the
+target. A failure (disk full, a kill) leaves the previous version in place and removes the debris.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from gpt2kids.errors import UserError
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def describe_os_error(error: OSError, path: Path) -> str:
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {path}; free some space and retry"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied; choose a writable location"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed to `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    temporary = Path(temporary_name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(data)
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def replace_folder(target: str | Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder with `fill(temporary_folder)`, then swap it in place of `target`.
+
+    The old folder is moved aside before the new one is renamed in, and deleted only afterwards,
+    so at every instant either the complete old or the complete new folder exists (a crash between
+    the two renames leaves `target.old`, which `recover_folder` puts back).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = target.with_name(target.name + ".old")
+    try:
+        fill(building)
+        for path in building.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(building, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: str | Path) -> None:
+    """Undo a swap that was interrupted between its two renames."""
+    target = Path(target)
+    old = target.with_name(target.name + ".old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+
+
+def writable_folder(folder: Path) -> None:
+    """Fail early, with a clear message, when `folder` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+            pass
+    except OSError as error:
+        raise UserError(describe_os_error(error, folder)) from None

@@ -1,0 +1,233 @@
+"""Reading every checkpoint form DESIGN.md lists, writing HF folders, and refusing bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, hf_model
+from safetensors.torch import save_file
+
+from gpt2kids.errors import UserError
+from gpt2kids.hf import export, load_model, to_hf_state_dict
+from gpt2kids.model import GPT2
+
+CONFIG = dict(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+
+
+def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture
+def reference():
+    return hf_model(**CONFIG)
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, CONFIG["vocab_size"], (2, 24))
+
+
+def write_config(folder: pathlib.Path, model) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(folder / "config.json")
+
+
+def assert_loads_like(folder, reference, input_ids) -> None:
+    ours, _ = load_model(folder)
+    torch.testing.assert_close(logits_of(ours.eval(), input_ids), logits_of(reference, input_ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pytorch_model_bin(tmp_path, reference, input_ids):
+    write_config(tmp_path, reference)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    assert_loads_like(tmp_path, reference, input_ids)
+
+
+def test_keys_without_transformer_prefix_and_with_stale_attention_buffers(tmp_path, reference, input_ids):
+    """The original OpenAI-style upload: no `transformer.` prefix, causal-mask buffers, no lm_head."""
+    write_config(tmp_path, reference)
+    state = {}
+    for key, tensor in reference.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        state[key.removeprefix("transformer.")] = tensor
+    for layer in range(CONFIG["n_layer"]):
+        state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert_loads_like(tmp_path, reference, input_ids)
+
+
+def test_sharded_safetensors(tmp_path, reference, input_ids):
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    assert_loads_like(tmp_path, reference, input_ids)
+
+
+def test_export_loads_in_transformers_with_no_missing_keys_and_same_logits(tmp_path, reference, input_ids,
+                                                                           tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    ours = GPT2(load_model(_saved(reference, tmp_path / "src"))[0].config)  # fresh random weights
+    ours.eval()
+    export(ours, tokenizer, tmp_path / "export")
+    names = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(names)
+    theirs, info = GPT2LMHeadModel.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(logits_of(theirs.eval(), input_ids), logits_of(ours, input_ids),
+                               rtol=1e-5, atol=1e-5)
+    assert "lm_head.weight" not in to_hf_state_dict(ours)
+
+
+def test_pipeline_runs_on_an_export(tmp_path, tokenizer):
+    from transformers import pipeline
+
+    from gpt2kids.config import GPT2Config
+
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    export(GPT2(config), tokenizer, tmp_path / "export")
+    generator = pipeline("text-generation", model=str(tmp_path / "export"), tokenizer=str(tmp_path / "export"))
+    result = generator("Pada suatu hari", max_new_tokens=5, do_sample=False)
+    assert result[0]["generated_text"].startswith("Pada suatu hari")
+
+
+def test_export_replaces_an_old_export_whole(tmp_path, tokenizer, reference):
+    model = load_model(_saved(reference, tmp_path / "src"))[0]
+    export(model, tokenizer, tmp_path / "export")
+    (tmp_path / "export" / "stale.txt").write_text("from an older export")
+    export(model, tokenizer, tmp_path / "export")
+    assert not (tmp_path / "export" / "stale.txt").exists()
+    assert not list(tmp_path.glob(".export.*")) and not (tmp_path / "export.old").exists()
+
+
+def _saved(model, folder: pathlib.Path) -> pathlib.Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "no" / "such" / "model")
+
+
+def test_folder_without_weights(tmp_path, reference):
+    write_config(tmp_path, reference)
+    with pytest.raises(UserError, match="holds no weights"):
+        load_model(tmp_path)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="holds no config.json"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors(tmp_path, reference):
+    reference.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="damaged or truncated"):
+        load_model(tmp_path)
+
+
+def test_config_that_is_not_gpt2(tmp_path, reference):
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="GPT-2 models only"):
+        load_model(tmp_path)
+
+
+def test_weights_whose_shapes_disagree_with_config(tmp_path, reference):
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_embd"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="weights and config.json disagree"):
+        load_model(tmp_path)
+
+
+def test_weights_with_missing_keys(tmp_path, reference):
+    write_config(tmp_path, reference)
+    state = {k: v for k, v in reference.state_dict().items() if "h.1." not in k and k != "lm_head.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"missing transformer\.h\.1\."):
+        load_model(tmp_path)
+
+
+def test_hub_id_while_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"hub is offline \(HF_HUB_OFFLINE=1\)"):
+        load_model("some-owner/some-model")
+
+
+class RunsCode:
+    """Unpickling this calls pathlib.Path.touch: a stand-in for arbitrary code."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, reference):
+    write_config(tmp_path, reference)
+    marker = tmp_path / "code-ran"
+    state = dict(reference.state_dict())
+    state["payload"] = RunsCode(marker)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="asks to run code"):
+        load_model(tmp_path)
+    assert not marker.exists()
+
+
+# --- python -m gpt2kids.convert --------------------------------------------------------------------
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt2kids.convert", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_convert_a_legacy_bin_to_a_clean_folder(tmp_path, reference, input_ids, tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    source = tmp_path / "legacy"
+    write_config(source, reference)
+    torch.save({k.removeprefix("transformer."): v for k, v in reference.state_dict().items()},
+               source / "pytorch_model.bin")
+    tokenizer.save(source)
+    result = run_convert(str(source / "pytorch_model.bin"), str(tmp_path / "clean"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "clean" / "model.safetensors").is_file()
+    assert (tmp_path / "clean" / "tokenizer.json").is_file()
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "clean").eval()
+    torch.testing.assert_close(logits_of(theirs, input_ids), logits_of(reference, input_ids))
+    assert_loads_like(tmp_path / "clean", reference, input_ids)
+
+
+def test_convert_bad_input_is_one_line_and_exit_2(tmp_path):
+    result = run_convert(str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
