@@ -26,6 +26,12 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def describe_os_error(error: OSError, path: Path) -> str:
     if error.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}; free some space and retry"
@@ -42,6 +48,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     temporary = Path(temporary_name)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any other file
     try:
         yield temporary
         with open(temporary, "rb+") as handle:
@@ -62,37 +69,39 @@ def atomic_write_text(target: str | Path, text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
 
 
-def replace_folder(target: str | Path, fill: Callable[[Path], None]) -> None:
+def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: str | Path | None = None) -> None:
     """Build a folder with `fill(temporary_folder)`, then swap it in place of `target`.
 
-    The old folder is moved aside before the new one is renamed in, and deleted only afterwards,
-    so at every instant either the complete old or the complete new folder exists (a crash between
-    the two renames leaves `target.old`, which `recover_folder` puts back).
+    The old folder is moved aside before the new one is renamed in, so at every instant a complete
+    folder exists: a crash between the two renames leaves the old one aside. With `previous`, the
+    old folder is kept there (one generation back) instead of being deleted.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    old = target.with_name(target.name + ".old")
+    os.chmod(building, 0o777 & ~_umask())
+    aside = Path(previous) if previous is not None else target.with_name(target.name + ".old")
     try:
         fill(building)
         for path in building.rglob("*"):
             if path.is_file():
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
-        if old.exists():
-            shutil.rmtree(old)
         if target.exists():
-            os.replace(target, old)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(target, aside)
         os.replace(building, target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if previous is None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def recover_folder(target: str | Path) -> None:
-    """Undo a swap that was interrupted between its two renames."""
+    """Undo a swap (without `previous`) that was interrupted between its two renames."""
     target = Path(target)
     old = target.with_name(target.name + ".old")
     if old.exists() and not target.exists():
@@ -107,3 +116,12 @@ def writable_folder(folder: Path) -> None:
             pass
     except OSError as error:
         raise UserError(describe_os_error(error, folder)) from None
+
+
+def remove_debris(folder: Path) -> None:
+    """Delete temporary files and folders that a killed write left behind."""
+    for path in folder.glob(".*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

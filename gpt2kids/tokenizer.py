@@ -59,6 +59,10 @@ class Tokenizer:
             raise UserError(f"{path} is not a valid tokenizer.json ({error}); re-export or re-download it") from None
 
     @classmethod
+    def from_json_string(cls, text: str) -> Tokenizer:
+        return cls(HFTokenizer.from_str(text))
+
+    @classmethod
     def from_vocab_and_merges(cls, vocab: Path, merges: Path) -> Tokenizer:
         try:
             model = models.BPE.from_file(str(vocab), str(merges))

@@ -1,0 +1,135 @@
+"""Training checkpoints: everything needed to resume exactly, written atomically, checksummed.
+
+`RUN/checkpoint/` holds
+  model.safetensors   the weights (gpt2kids names; the tied lm_head is left out)
+  state.pt            optimizer, scheduler, grad scaler, RNG states and progress (read back with
+                      `torch.load(weights_only=True)`: plain tensors and containers only)
+  progress.json       the progress, for people
+  manifest.json       SHA-256 of each file above, written last
+The folder is built under a temporary name and swapped in; the one it replaces is kept as
+`RUN/checkpoint-previous/`, so a kill at any instant, or a damaged file, still leaves one good
+checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2kids.errors import UserError
+from gpt2kids.io import describe_os_error, replace_folder
+from gpt2kids.model import GPT2
+
+CHECKPOINT = "checkpoint"
+PREVIOUS = "checkpoint-previous"
+MANIFEST = "manifest.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rng_states() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
+
+
+@dataclass
+class Checkpoint:
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]  # optimizer, scheduler, scaler, rng, progress
+    folder: Path
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return self.state["progress"]
+
+
+def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
+    """Write `run_dir/checkpoint/` atomically; `state` must hold a `progress` dict."""
+
+    def fill(folder: Path) -> None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(weights, folder / "model.safetensors")
+        torch.save(state, folder / "state.pt")
+        (folder / "progress.json").write_text(json.dumps(state["progress"], indent=2) + "\n")
+        manifest = {name: sha256_of(folder / name) for name in ("model.safetensors", "state.pt", "progress.json")}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    try:
+        replace_folder(run_dir / CHECKPOINT, fill, previous=run_dir / PREVIOUS)
+    except OSError as error:
+        raise UserError(f"{describe_os_error(error, run_dir / CHECKPOINT)}; the previous checkpoint is "
+                        "untouched") from None
+
+
+def damage_in(folder: Path) -> str | None:
+    """None if the checkpoint in `folder` is complete and matches its manifest, else what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{folder / MANIFEST} is missing (the checkpoint was never completed)"
+    except (OSError, ValueError):
+        return f"{folder / MANIFEST} is damaged"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_of(path) != expected:
+            return f"{path} is damaged (its checksum does not match the manifest)"
+    return None
+
+
+def _read(folder: Path) -> Checkpoint:
+    try:
+        model = load_file(folder / "model.safetensors")
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise UserError(f"cannot read the checkpoint in {folder} ({error})") from None
+    return Checkpoint(model, state, folder)
+
+
+def exists(run_dir: Path) -> bool:
+    return (run_dir / CHECKPOINT).is_dir() or (run_dir / PREVIOUS).is_dir()
+
+
+def load_latest_good(run_dir: Path) -> Checkpoint:
+    """The newest checkpoint that verifies; says on stderr when it had to fall back."""
+    problems = []
+    for name in (CHECKPOINT, PREVIOUS):
+        folder = run_dir / name
+        if not folder.is_dir():
+            continue
+        problem = damage_in(folder)
+        if problem is None:
+            if problems:
+                print(f"warning: {problems[0]}; resuming from the previous checkpoint {folder}", file=sys.stderr)
+            return _read(folder)
+        problems.append(problem)
+    if problems:
+        raise UserError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}; start a new run with "
+                        "another --out")
+    raise UserError(f"nothing to resume in {run_dir}: it holds no checkpoint; drop --resume to start a new run")

@@ -1,0 +1,266 @@
+"""The corpus: reading stories, the story-level split, tokenising (cached), packing into blocks.
+
+A block is `block_size` consecutive tokens of the concatenated stories, each story ended by
+`<|endoftext|>`. As in Hugging Face's causal-LM recipe, a block predicts its own next tokens, so
+the last position of each block has no target; the final partial block is padded and its padding
+carries no target either. Eval loss is therefore the mean token cross-entropy over the held-out
+blocks, comparable with the published model's figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2kids.errors import UserError
+from gpt2kids.io import atomic_path
+from gpt2kids.model import IGNORE_INDEX
+from gpt2kids.tokenizer import Tokenizer
+
+BUNDLED_STORIES = Path(__file__).resolve().parent / "stories"
+BLANK_LINES = re.compile(r"\n\s*\n")
+MIN_STORIES = 2  # one to train on and one to hold out
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def _decode(raw: bytes) -> str | None:
+    """UTF-8 (with or without BOM) text with LF line ends, or None if the bytes are not text."""
+    if b"\x00" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    text = _decode(raw)
+    if text is None:
+        raise UserError(f"{path} is not UTF-8 text; pass a .txt, a .jsonl or a folder of .txt stories")
+    return text
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    stories = []
+    for number, line in enumerate(_read_text_file(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} line {number} is not valid JSON ({error.msg}); fix or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path} line {number} has no \"text\" string field; each line needs one")
+        stories.append(record["text"])
+    return stories
+
+
+def read_stories(path: str | Path) -> list[str]:
+    """Stories from a folder of .txt files (one story each), a .txt of blank-line-separated stories,
+    or a .jsonl with a `text` field. Whitespace is trimmed and empty stories dropped."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        stories, skipped = [], []
+        for file in files:
+            text = _decode(file.read_bytes())
+            if text is None:
+                skipped.append(file.name)
+            else:
+                stories.append(text)
+        if skipped:
+            warn(f"skipped {len(skipped)} file(s) in {path} that are not UTF-8 text: {', '.join(skipped[:10])}")
+    elif path.is_file():
+        if path.suffix == ".jsonl":
+            stories = _read_jsonl(path)
+        else:
+            stories = BLANK_LINES.split(_read_text_file(path))
+    else:
+        raise UserError(f"--data {path} does not exist; pass a folder of .txt stories, a .txt or a .jsonl")
+    stories = [story.strip() for story in stories]
+    stories = [story for story in stories if story]
+    if not stories:
+        raise UserError(f"--data {path} holds no stories (no non-empty UTF-8 text); check the path")
+    return stories
+
+
+def split_stories(stories: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out whole stories, chosen by a seeded shuffle, so no story is split across the sets."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserError(f"--eval-split {eval_fraction} must be in [0, 1)")
+    if eval_fraction == 0.0:
+        return list(stories), []
+    if len(stories) < MIN_STORIES:
+        raise UserError(f"the corpus has {len(stories)} story; at least {MIN_STORIES} are needed to hold "
+                        "some out (add stories, or pass --eval-split 0 or --eval-data)")
+    order = list(range(len(stories)))
+    random.Random(seed).shuffle(order)
+    held_out = min(len(stories) - 1, max(1, round(eval_fraction * len(stories))))
+    eval_indices = set(order[:held_out])
+    train = [s for i, s in enumerate(stories) if i not in eval_indices]
+    evaluation = [s for i, s in enumerate(stories) if i in eval_indices]
+    return train, evaluation
+
+
+# --- tokenising, with a cache --------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids")) / "tokens"
+
+
+def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
+    digest = hashlib.sha256()
+    digest.update(tokenizer.backend.to_str().encode("utf-8"))
+    for story in stories:
+        digest.update(b"\x00story\x00")
+        digest.update(story.encode("utf-8"))
+    return digest.hexdigest()[:32]
+
+
+def tokenize_stories(stories: list[str], tokenizer: Tokenizer, use_cache: bool = True) -> torch.Tensor:
+    """All stories as one stream of token ids, each story followed by `<|endoftext|>`."""
+    path = cache_dir() / f"{cache_key(stories, tokenizer)}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            return load_file(path)["ids"].long()
+        except (SafetensorError, OSError, KeyError):
+            warn(f"token cache {path} is damaged; tokenizing again")
+    ids: list[int] = []
+    for encoded in tokenizer.encode_batch(stories):
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_id)
+    stream = torch.tensor(ids, dtype=torch.long)
+    if use_cache:
+        try:
+            with atomic_path(path) as temporary:
+                save_file({"ids": stream.to(torch.int32)}, temporary)
+        except OSError as error:  # a cache we cannot write only costs time
+            warn(f"could not write the token cache {path} ({error.strerror})")
+    return stream
+
+
+# --- blocks --------------------------------------------------------------------------------------
+
+@dataclass
+class Blocks:
+    """Training examples: inputs (N, T) and next-token targets (N, T) with IGNORE_INDEX for no loss."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def token_count(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def pack_blocks(stream: torch.Tensor, block_size: int, pad_id: int) -> Blocks:
+    blocks = -(-len(stream) // block_size)
+    padded = torch.full((blocks * block_size,), pad_id, dtype=torch.long)
+    padded[: len(stream)] = stream
+    inputs = padded.view(blocks, block_size)
+    valid = torch.zeros(blocks * block_size, dtype=torch.bool)
+    valid[: len(stream)] = True
+    valid = valid.view(blocks, block_size)
+    targets = torch.full_like(inputs, IGNORE_INDEX)
+    # Position t predicts token t + 1 of the same block, where that token is real.
+    targets[:, :-1] = torch.where(valid[:, 1:], inputs[:, 1:], IGNORE_INDEX)
+    return Blocks(inputs, targets)
+
+
+@dataclass
+class Dataset:
+    train: Blocks
+    eval: Blocks | None
+    train_stories: int
+    eval_stories: int
+    train_bytes: int
+
+
+def build_dataset(train_stories: list[str], eval_stories: list[str], tokenizer: Tokenizer,
+                  block_size: int) -> Dataset:
+    """Tokenise (cached) and pack both sets into blocks."""
+    train = pack_blocks(tokenize_stories(train_stories, tokenizer), block_size, tokenizer.eos_id)
+    if train.token_count == 0:
+        raise UserError(f"the training stories give no training tokens at --block-size {block_size}; "
+                        "add stories or raise --block-size")
+    evaluation = None
+    if eval_stories:
+        evaluation = pack_blocks(tokenize_stories(eval_stories, tokenizer), block_size, tokenizer.eos_id)
+    return Dataset(train, evaluation, len(train_stories), len(eval_stories),
+                   sum(len(s.encode("utf-8")) for s in train_stories))
+
+
+def load_split(data: str | Path, eval_data: str | Path | None, eval_fraction: float,
+               seed: int) -> tuple[list[str], list[str]]:
+    """(train stories, held-out stories): an explicit --eval-data, else a seeded story-level split."""
+    stories = read_stories(data)
+    if eval_data is not None:
+        return stories, read_stories(eval_data)
+    return split_stories(stories, eval_fraction, seed)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled block order of one epoch: a pure function of (seed, epoch), so resume is exact."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_blocks, generator=generator)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How an epoch is cut into optimizer steps, identically on every rank.
+
+    A micro-batch is `batch_size * world_size` blocks (each rank takes its `batch_size` slice); an
+    optimizer step is `grad_accum` micro-batches; the last step of an epoch may be shorter.
+    """
+
+    num_blocks: int
+    batch_size: int
+    grad_accum: int
+    world_size: int = 1
+
+    @property
+    def blocks_per_micro_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return -(-self.num_blocks // self.blocks_per_micro_batch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.micro_batches_per_epoch // self.grad_accum)
+
+    def step_blocks(self, order: torch.Tensor, step_in_epoch: int) -> list[torch.Tensor]:
+        """The global block indices of each micro-batch of one optimizer step."""
+        first = step_in_epoch * self.grad_accum
+        last = min(first + self.grad_accum, self.micro_batches_per_epoch)
+        size = self.blocks_per_micro_batch
+        return [order[m * size:(m + 1) * size] for m in range(first, last)]
+
+    def rank_slice(self, micro_batch: torch.Tensor, rank: int) -> torch.Tensor:
+        return micro_batch[rank * self.batch_size:(rank + 1) * self.batch_size]

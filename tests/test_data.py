@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gpt2kids import data
+from gpt2kids.errors import UserError
+from gpt2kids.model import IGNORE_INDEX
+
+
+def test_bundled_corpus_is_big_enough_and_every_story_has_a_title():
+    files = sorted(data.BUNDLED_STORIES.glob("*.txt"))
+    assert len(files) >= 40
+    assert sum(f.stat().st_size for f in files) >= 60_000
+    for file in files:
+        title, blank, *body = file.read_text(encoding="utf-8").split("\n")
+        assert title.strip() and len(title) < 80 and blank == "" and len(" ".join(body)) > 500, file.name
+    assert len(data.read_stories(data.BUNDLED_STORIES)) == len(files)
+
+
+def test_folder_with_bom_crlf_and_a_binary_file(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes("\ufeffJudul A\r\n\r\nIsi cerita A.\r\n".encode())
+    (tmp_path / "b.txt").write_text("Judul B\n\nIsi cerita B.\n", encoding="utf-8")
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert data.read_stories(tmp_path) == ["Judul A\n\nIsi cerita A.", "Judul B\n\nIsi cerita B."]
+    warning = capsys.readouterr().err
+    assert "picture.png" in warning and "latin1.txt" in warning
+
+
+def test_txt_file_of_blank_line_separated_stories(tmp_path):
+    (tmp_path / "stories.txt").write_text("Satu.\n\n\nDua, baris satu.\nDua, baris dua.\n \nTiga.\n")
+    assert data.read_stories(tmp_path / "stories.txt") == ["Satu.", "Dua, baris satu.\nDua, baris dua.", "Tiga."]
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "stories.jsonl"
+    path.write_text(json.dumps({"text": "Satu."}) + "\n\n" + json.dumps({"text": "Dua.", "id": 2}) + "\n")
+    assert data.read_stories(path) == ["Satu.", "Dua."]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "ok"}', '{"text": "broken'], "line 2 is not valid JSON"),
+    (['{"text": "ok"}', '{"title": "x"}'], 'line 2 has no "text"'),
+    (['["text"]'], 'line 1 has no "text"'),
+])
+def test_bad_jsonl_names_the_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message):
+        data.read_stories(path)
+
+
+def test_missing_and_empty_corpora(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        data.read_stories(tmp_path / "nope")
+    with pytest.raises(UserError, match="holds no stories"):
+        data.read_stories(tmp_path)
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    with pytest.raises(UserError, match="holds no stories"):
+        data.read_stories(tmp_path)
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="holds no stories"):
+        data.read_stories(tmp_path)
+
+
+def test_split_is_by_story_deterministic_and_seeded():
+    stories = [f"cerita {i}" for i in range(50)]
+    train, held_out = data.split_stories(stories, 0.1, seed=42)
+    assert len(held_out) == 5 and len(train) == 45
+    assert sorted(train + held_out) == sorted(stories) and not set(train) & set(held_out)
+    assert data.split_stories(stories, 0.1, seed=42) == (train, held_out)
+    assert data.split_stories(stories, 0.1, seed=7)[1] != held_out
+    with pytest.raises(UserError, match="at least 2"):
+        data.split_stories(["satu"], 0.1, seed=42)
+    assert data.split_stories(["satu"], 0.0, seed=42) == (["satu"], [])
+
+
+def test_blocks_predict_the_next_token_and_padding_has_no_target():
+    stream = torch.arange(10)
+    blocks = data.pack_blocks(stream, block_size=4, pad_id=99)
+    assert blocks.inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99, 99]]
+    assert blocks.targets.tolist() == [[1, 2, 3, IGNORE_INDEX], [5, 6, 7, IGNORE_INDEX],
+                                       [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert blocks.token_count == 7
+
+
+def test_stories_end_with_end_of_text_and_tokens_are_cached(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path))
+    stories = ["Satu dua tiga.", "Empat lima."]
+    stream = data.tokenize_stories(stories, tokenizer)
+    first, second = tokenizer.encode(stories[0]), tokenizer.encode(stories[1])
+    assert stream.tolist() == [*first, tokenizer.eos_id, *second, tokenizer.eos_id]
+    assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 1
+
+    def no_tokenizing(_texts):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(tokenizer, "encode_batch", no_tokenizing)
+    assert torch.equal(data.tokenize_stories(stories, tokenizer), stream)
+    with pytest.raises(AssertionError, match="tokenized again"):  # other contents: a different key
+        data.tokenize_stories(["Cerita lain."], tokenizer)
+
+
+def test_step_plan_covers_each_block_once_per_epoch_and_ranks_split_micro_batches():
+    plan = data.StepPlan(num_blocks=23, batch_size=2, grad_accum=3, world_size=2)
+    assert plan.micro_batches_per_epoch == 6 and plan.steps_per_epoch == 2
+    order = data.epoch_order(23, seed=1, epoch=0)
+    seen = []
+    for step in range(plan.steps_per_epoch):
+        for micro_batch in plan.step_blocks(order, step):
+            seen += plan.rank_slice(micro_batch, 0).tolist() + plan.rank_slice(micro_batch, 1).tolist()
+    assert sorted(seen) == list(range(23))
+    assert torch.equal(data.epoch_order(23, 1, 0), order)
+    assert not torch.equal(data.epoch_order(23, 1, 1), order)

@@ -1,0 +1,215 @@
+"""The training loop, in process and through `python train.py`, on tiny models (CPU)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from gpt2kids import data
+from gpt2kids.hf import load_model
+from gpt2kids.trainer import TrainConfig, TrainingDiverged, build_trainer, train
+
+EVENT_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/perplexity"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Twelve bundled stories: enough for a split, small enough for seconds-long epochs."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for story in sorted(data.BUNDLED_STORIES.glob("*.txt"))[::4]:
+        shutil.copy(story, folder / story.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def init_folder(tmp_path_factory, tokenizer) -> Path:
+    """A small random transformers GPT-2 with this test's tokenizer, as an HF folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+
+
+def config_for(init_folder: Path, corpus: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(data=str(corpus), init=str(init_folder), out=str(out), epochs=2, batch_size=4, block_size=64,
+                    lr=1e-3, precision="fp32", device="cpu", seed=3)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoint" / "model.safetensors")
+
+
+def eval_loss_of(model_folder: Path, corpus: Path, tokenizer) -> float:
+    model, _ = load_model(model_folder)
+    model.eval()
+    _, held_out = data.load_split(corpus, None, 0.1, seed=3)
+    blocks = data.pack_blocks(data.tokenize_stories(held_out, tokenizer), 64, tokenizer.eos_id)
+    with torch.no_grad():
+        return float(model(blocks.inputs, blocks.targets, reduction="sum") / blocks.token_count)
+
+
+def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def hparams_logged(run_dir: Path) -> bool:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for events_file in run_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(events_file)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    return True
+    return False
+
+
+# --- the end-to-end demo -------------------------------------------------------------------------
+
+def test_scratch_tiny_demo_on_the_bundled_stories(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import pipeline
+
+    out = tmp_path / "run"
+    result = run_train("--init", "scratch", "--model-size", "tiny", "--epochs", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/1: train loss" in result.stderr and "eval loss" in result.stderr
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    assert EVENT_TAGS <= set(events.Tags()["scalars"])
+    assert "sample/text_summary" in events.Tags()["tensors"]
+    assert hparams_logged(out)
+    for folder in ("checkpoint", "best", "final"):
+        assert (out / folder).is_dir(), folder
+    card = (out / "final" / "README.md").read_text()
+    assert "| epoch | step | training loss | validation loss | perplexity |" in card
+    assert "| 1 |" in card and "scratch (tiny)" in card
+    generator = pipeline("text-generation", model=str(out / "final"), tokenizer=str(out / "final"))
+    text = generator("Pada suatu hari", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Pada suatu hari") and len(text) > len("Pada suatu hari")
+
+
+# --- the loop's promises -------------------------------------------------------------------------
+
+def test_fine_tuning_from_an_hf_folder_lowers_eval_loss(tmp_path, init_folder, corpus, tokenizer):
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=3))
+    assert progress.finished and len(progress.history) == 3
+    before = eval_loss_of(init_folder, corpus, tokenizer)
+    after = eval_loss_of(out / "best", corpus, tokenizer)
+    assert after < before - 0.5, (before, after)
+    assert progress.best_eval_loss == pytest.approx(after, rel=1e-4)
+    losses = [row["eval_loss"] for row in progress.history]
+    assert losses[-1] < losses[0]
+    assert progress.history[0]["perplexity"] == pytest.approx(math.exp(losses[0]))
+
+
+def test_grad_accumulation_gives_the_same_update(tmp_path, init_folder, corpus):
+    one = train(config_for(init_folder, corpus, tmp_path / "one", batch_size=8, grad_accum=1, max_steps=2,
+                           dropout=0.0))
+    four = train(config_for(init_folder, corpus, tmp_path / "four", batch_size=2, grad_accum=4, max_steps=2,
+                            dropout=0.0))
+    assert one.step == four.step == 2
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "four")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # And accumulation is not a no-op: a different batch gives a different update.
+    eight_steps = train(config_for(init_folder, corpus, tmp_path / "other", batch_size=2, max_steps=2, dropout=0.0))
+    assert eight_steps.step == 2
+    assert not torch.allclose(final_weights(tmp_path / "other")["transformer.wte.weight"], a["transformer.wte.weight"])
+
+
+def test_stop_and_resume_ends_with_the_same_weights(tmp_path, init_folder, corpus):
+    # Dropout on and bf16 autocast: the RNG state and the data position both have to be restored.
+    settings = dict(dropout=0.1, precision="bf16", eval_every=5)
+    train(config_for(init_folder, corpus, tmp_path / "straight", **settings))
+    stopped = train(config_for(init_folder, corpus, tmp_path / "stopped", max_steps=7, **settings))
+    assert stopped.step == 7 and not stopped.finished
+    resumed = train(config_for(init_folder, corpus, tmp_path / "stopped", resume=True, lr=123.0))  # lr ignored
+    assert resumed.finished
+    straight, continued = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    for key in straight:
+        assert torch.equal(straight[key], continued[key]), key
+    assert load_file(tmp_path / "straight" / "final" / "model.safetensors").keys() == \
+        load_file(tmp_path / "stopped" / "final" / "model.safetensors").keys()
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, init_folder, corpus):
+    progress = train(config_for(init_folder, corpus, tmp_path / "run", precision="bf16", epochs=2))
+    assert progress.history[-1]["train_loss"] < progress.history[0]["train_loss"]
+    assert progress.history[-1]["eval_loss"] < progress.history[0]["eval_loss"]
+
+
+def test_fp16_with_grad_scaler_skips_non_finite_steps_and_trains(tmp_path, init_folder, corpus):
+    config = config_for(init_folder, corpus, tmp_path / "run", precision="fp16", max_steps=4)
+    progress = train(config)
+    assert progress.step == 4
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+
+    # A step whose gradients overflow is skipped (weights untouched) and the scale is lowered.
+    trainer = build_trainer(config_for(init_folder, corpus, tmp_path / "probe", precision="fp16"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    scale = trainer.scaler.get_scale()
+    forward = trainer.forward_model
+    trainer.forward_model = lambda *args, **kwargs: forward(*args, **kwargs) * float("inf")
+    order = data.epoch_order(len(trainer.dataset.train), 3, 0)
+    result = trainer.train_step(trainer.plan.step_blocks(order, 0))
+    assert not result.applied
+    assert trainer.scaler.get_scale() < scale
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    trainer.forward_model = forward
+    assert trainer.train_step(trainer.plan.step_blocks(order, 1)).applied
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    train(config_for(init_folder, corpus, out, max_steps=3, save_every=3))
+    kept, kept_export = final_weights(out), (out / "final" / "model.safetensors").read_bytes()
+    # Force divergence: resume the run with an absurd learning rate.
+    trainer = build_trainer(config_for(init_folder, corpus, out, resume=True))
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e30
+    trainer.scheduler.base_lrs = [1e30] * len(trainer.optimizer.param_groups)
+    with pytest.raises(TrainingDiverged, match="non-finite at step") as error:
+        trainer.run()
+    assert "lower --lr" in str(error.value)
+    assert all(torch.equal(kept[k], v) for k, v in final_weights(out).items())
+    assert (out / "final" / "model.safetensors").read_bytes() == kept_export
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, init_folder, corpus):
+    common = ["--data", str(corpus), "--init", str(init_folder), "--epochs", "1", "--block-size", "64",
+              "--lr", "1e-3", "--precision", "fp32", "--device", "cpu", "--dropout", "0", "--max-steps", "3"]
+    single = run_train(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                         cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert "GPUs/processes | 2" in (tmp_path / "ddp" / "final" / "README.md").read_text()
