@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
-def main() -> int:
-    train(parse_args())
+def main(argv: list[str] | None = None) -> int:
+    train(parse_args(argv))
     return 0
 
 

@@ -108,11 +108,19 @@ def recover_folder(target: str | Path) -> None:
         os.replace(old, target)
 
 
-def writable_folder(folder: Path) -> None:
-    """Fail early, with a clear message, when `folder` cannot be created or written."""
+def check_writable(folder: Path) -> None:
+    """Fail early, with a clear message, when `folder` could not be created or written.
+
+    Nothing is left behind: the check writes a temporary file in the folder (or in its nearest
+    existing ancestor, when the folder does not exist yet) and removes it.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create {folder}: {existing} is a file, not a folder; choose another location")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test."):
             pass
     except OSError as error:
         raise UserError(describe_os_error(error, folder)) from None

@@ -32,7 +32,7 @@ from gpt2kids.device import Precision, choose_precision, resolve_device
 from gpt2kids.distributed import Distributed
 from gpt2kids.errors import Stopped, UserError
 from gpt2kids.hf import export, load_model, load_tokenizer
-from gpt2kids.io import atomic_write_text, describe_os_error, remove_debris, writable_folder
+from gpt2kids.io import atomic_write_text, check_writable, describe_os_error, recover_folder, remove_debris
 from gpt2kids.model import GPT2
 from gpt2kids.schedule import SCHEDULES, lr_lambda
 from gpt2kids.tokenizer import Tokenizer
@@ -144,8 +144,11 @@ def prepare_run_folder(config: TrainConfig, dist: Distributed) -> tuple[TrainCon
     elif has_run:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if dist.is_main:
-        writable_folder(out)
-        remove_debris(out)
+        check_writable(out)
+        if out.is_dir():  # what a killed run may have left half-done
+            remove_debris(out)
+            for export_name in ("best", "final"):
+                recover_folder(out / export_name)
     return config, out
 
 
@@ -561,7 +564,12 @@ def build_trainer(config: TrainConfig, dist: Distributed | None = None) -> Train
     config.block_size = block_size
     dataset = data.build_dataset(train_stories, eval_stories, tokenizer, block_size)
     if dist.is_main and not config.resume:
-        atomic_write_text(run_dir / TRAIN_CONFIG, config.to_json())
+        # The run folder appears only now, once every input has been checked.
+        try:
+            atomic_write_text(run_dir / TRAIN_CONFIG, config.to_json())
+        except OSError as error:
+            raise UserError(describe_os_error(error, run_dir)) from None
+    dist.barrier()
     trainer = Trainer(config, model.to(device), tokenizer, dataset, run_dir, device, precision, dist, base_model)
     if saved is not None:
         trainer.restore(saved)

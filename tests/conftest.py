@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 # Tests never reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,3 +65,57 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., tuple[object, Path]]:
         return model, folder
 
     return make
+
+
+# --- tiny training runs ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory) -> None:
+    """One token cache for the session, away from the user's (subprocesses inherit it)."""
+    os.environ["GPT2KIDS_CACHE"] = str(tmp_path_factory.getbasetemp() / "token-cache")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Twelve bundled stories: enough for a split, small enough for seconds-long epochs."""
+    from gpt2kids.data import BUNDLED_STORIES
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for story in sorted(BUNDLED_STORIES.glob("*.txt"))[::4]:
+        shutil.copy(story, folder / story.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def init_folder(tmp_path_factory, tokenizer) -> Path:
+    """A small random transformers GPT-2 with the session's tokenizer, as an HF folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save(folder)
+    return folder
+
+
+def config_for(init_folder: Path, corpus: Path, out: Path, **overrides):
+    """A TrainConfig for a seconds-long CPU run of the tiny init model."""
+    from gpt2kids.trainer import TrainConfig
+
+    settings = dict(data=str(corpus), init=str(init_folder), out=str(out), epochs=2, batch_size=4, block_size=64,
+                    lr=1e-3, precision="fp32", device="cpu", seed=3)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoint" / "model.safetensors")
+
+
+def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+
+

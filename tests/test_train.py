@@ -4,59 +4,20 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, config_for, final_weights, run_train
 from safetensors.torch import load_file
 
 from gpt2kids import data
 from gpt2kids.hf import load_model
-from gpt2kids.trainer import TrainConfig, TrainingDiverged, build_trainer, train
+from gpt2kids.trainer import TrainingDiverged, build_trainer, train
 
 EVENT_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/perplexity"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Twelve bundled stories: enough for a split, small enough for seconds-long epochs."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for story in sorted(data.BUNDLED_STORIES.glob("*.txt"))[::4]:
-        shutil.copy(story, folder / story.name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def init_folder(tmp_path_factory, tokenizer) -> Path:
-    """A small random transformers GPT-2 with this test's tokenizer, as an HF folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("init")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
-
-
-def config_for(init_folder: Path, corpus: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(data=str(corpus), init=str(init_folder), out=str(out), epochs=2, batch_size=4, block_size=64,
-                    lr=1e-3, precision="fp32", device="cpu", seed=3)
-    return TrainConfig(**{**settings, **overrides})
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoint" / "model.safetensors")
 
 
 def eval_loss_of(model_folder: Path, corpus: Path, tokenizer) -> float:
@@ -66,12 +27,6 @@ def eval_loss_of(model_folder: Path, corpus: Path, tokenizer) -> float:
     blocks = data.pack_blocks(data.tokenize_stories(held_out, tokenizer), 64, tokenizer.eos_id)
     with torch.no_grad():
         return float(model(blocks.inputs, blocks.targets, reduction="sum") / blocks.token_count)
-
-
-def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=environment, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def hparams_logged(run_dir: Path) -> bool:

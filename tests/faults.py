@@ -1,0 +1,94 @@
+"""Run `train.py` with a fault injected at a named point (used by test_reliability.py).
+
+    python tests/faults.py POINT:N -- [train.py flags]
+
+POINT is where the process kills itself with SIGKILL (or signals itself) the N-th time it gets there:
+  step        inside optimizer step N, after the first forward of the step
+  eval        inside the N-th evaluation, at its first forward
+  checkpoint  during the N-th checkpoint write, after the weights file is written
+  swap        between the two renames of the N-th checkpoint swap
+  sigint, sigterm   the signal arrives inside optimizer step N (the run should save and stop)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train
+from gpt2kids import checkpoint, io, trainer
+from gpt2kids.errors import run_cli
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject(point: str, when: int) -> None:
+    count = {"n": 0}
+
+    def reached() -> bool:
+        count["n"] += 1
+        return count["n"] == when
+
+    if point in ("step", "sigint", "sigterm"):
+        original_step = trainer.Trainer.train_step
+
+        def train_step(self, micro_batches):
+            if self.progress.step + 1 == when:
+                forward = self.forward_model
+
+                def forward_then_fault(*args, **kwargs):
+                    result = forward(*args, **kwargs)
+                    if point == "step":
+                        die()
+                    os.kill(os.getpid(), signal.SIGINT if point == "sigint" else signal.SIGTERM)
+                    self.forward_model = forward
+                    return result
+
+                self.forward_model = forward_then_fault
+            return original_step(self, micro_batches)
+
+        trainer.Trainer.train_step = train_step
+    elif point == "eval":
+        original_evaluate = trainer.Trainer.evaluate
+
+        def evaluate(self):
+            if reached():
+                self.model.forward = lambda *args, **kwargs: die()
+            return original_evaluate(self)
+
+        trainer.Trainer.evaluate = evaluate
+    elif point == "checkpoint":
+        original_save_file = checkpoint.save_file
+
+        def save_file(*args, **kwargs):
+            original_save_file(*args, **kwargs)
+            if reached():
+                die()
+
+        checkpoint.save_file = save_file
+    elif point == "swap":
+        original_replace = io.os.replace
+
+        def replace(source, target):
+            original_replace(source, target)
+            if Path(target).name == checkpoint.PREVIOUS and reached():
+                die()
+
+        io.os.replace = replace
+    else:
+        raise SystemExit(f"unknown fault point {point}")
+
+
+if __name__ == "__main__":
+    spec, separator, *flags = sys.argv[1:]
+    assert separator == "--"
+    point, when = spec.split(":")
+    inject(point, int(when))
+    sys.argv = ["train.py", *flags]
+    run_cli(train.main)

@@ -1,0 +1,145 @@
+"""A killed or interrupted run loses nothing; damaged checkpoints are caught; a full disk loses nothing.
+
+Faults are injected by tests/faults.py, which runs train.py and kills it (SIGKILL) or signals it at
+a named point. After each fault, `--resume` must end with exactly the weights of an unbroken run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, config_for, final_weights, run_train
+from safetensors.torch import load_file
+
+from gpt2kids import checkpoint
+from gpt2kids.errors import UserError
+from gpt2kids.trainer import train
+
+# Dropout on, so the RNG state must be restored too; checkpoints every 10 steps and each epoch (47 steps).
+SETTINGS = dict(epochs=2, eval_every=10, save_every=10, dropout=0.1)
+
+
+def flags(init_folder, corpus, out, *extra: str) -> list[str]:
+    return ["--data", str(corpus), "--init", str(init_folder), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--block-size", "64", "--lr", "1e-3", "--precision", "fp32", "--device", "cpu",
+            "--seed", "3", "--eval-every", "10", "--save-every", "10", "--dropout", "0.1", *extra]
+
+
+def run_with_fault(fault: str, arguments: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tests/faults.py", fault, "--", *arguments], cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, init_folder, corpus):
+    """The reference: the same run, never stopped."""
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    result = run_train(*flags(init_folder, corpus, out))
+    assert result.returncode == 0, result.stderr
+    return final_weights(out), load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_as_unbroken(out, unbroken) -> None:
+    reference_checkpoint, reference_export = unbroken
+    for key, value in final_weights(out).items():
+        assert torch.equal(value, reference_checkpoint[key]), key
+    for key, value in load_file(out / "final" / "model.safetensors").items():
+        assert torch.equal(value, reference_export[key]), key
+
+
+@pytest.mark.parametrize("fault, resumes_from", [
+    ("step:15", 10),  # SIGKILL in the middle of an optimizer step
+    ("eval:2", 10),  # during the evaluation at step 20, before that step's checkpoint
+    ("checkpoint:2", 10),  # while the step-20 checkpoint is being written
+    ("swap:1", 10),  # between the two renames of the step-20 checkpoint: checkpoint/ is gone
+])
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, init_folder, corpus, unbroken, fault,
+                                                        resumes_from):
+    out = tmp_path / "run"
+    killed = run_with_fault(fault, flags(init_folder, corpus, out))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # Whatever the kill interrupted, one complete checkpoint is there, the one before the kill.
+    good = [folder for folder in (out / checkpoint.CHECKPOINT, out / checkpoint.PREVIOUS)
+            if folder.is_dir() and checkpoint.damage_in(folder) is None]
+    assert good and checkpoint.load_latest_good(out).progress["step"] == resumes_from
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} at step {resumes_from}" in resumed.stderr
+    assert_same_as_unbroken(out, unbroken)
+    assert not list(out.glob(".*.tmp")), "debris of the killed write was not cleaned up"
+
+
+@pytest.mark.parametrize("signal_name, exit_status", [("sigint", 130), ("sigterm", 143)])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, init_folder, corpus, unbroken,
+                                                                    signal_name, exit_status):
+    out = tmp_path / "run"
+    stopped = run_with_fault(f"{signal_name}:15", flags(init_folder, corpus, out))
+    assert stopped.returncode == exit_status, stopped.stderr
+    assert f"continue with: python train.py --out {out} --resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert checkpoint.load_latest_good(out).progress["step"] == 15
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_unbroken(out, unbroken)
+
+
+def damage(path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name, how", [("model.safetensors", "truncate"), ("state.pt", "alter")])
+def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, init_folder, corpus, unbroken, name,
+                                                                  how):
+    out = tmp_path / "run"
+    first = run_train(*flags(init_folder, corpus, out, "--max-steps", "20"))
+    assert first.returncode == 0, first.stderr
+    damage(out / "checkpoint" / name, how)
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{out / 'checkpoint' / name} is damaged" in resumed.stderr
+    assert f"resuming {out} at step 10" in resumed.stderr
+    assert_same_as_unbroken(out, unbroken)
+
+
+def test_both_checkpoints_damaged_stops_with_a_clear_message(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    assert run_train(*flags(init_folder, corpus, out, "--max-steps", "20")).returncode == 0
+    damage(out / "checkpoint" / "model.safetensors", "alter")
+    damage(out / "checkpoint-previous" / "state.pt", "truncate")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 2
+    assert resumed.stderr.startswith("error: no usable checkpoint") and resumed.stderr.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_folder, corpus, monkeypatch):
+    out = tmp_path / "run"
+    real_save_file = checkpoint.save_file
+    saves = {"n": 0}
+
+    def save_file_on_a_full_disk(*args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file_on_a_full_disk)
+    with pytest.raises(UserError, match="no space left on the device") as error:
+        train(config_for(init_folder, corpus, out, **SETTINGS))
+    assert "previous checkpoint is untouched" in str(error.value)
+    assert checkpoint.damage_in(out / "checkpoint") is None
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 10
+    assert not list(out.glob(".*.tmp"))

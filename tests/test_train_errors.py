@@ -1,0 +1,120 @@
+"""Bad input to `python train.py`: one clear line on stderr, exit status 2, no traceback, nothing on disk changed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_train
+
+from gpt2kids.errors import run_cli
+from gpt2kids.tokenizer import Tokenizer
+
+sys.path.insert(0, str(REPO))
+import train as train_cli  # noqa: E402
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
+
+
+def fails_cleanly(capsys, tmp_path: Path, argv: list[str], message: str) -> str:
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: train_cli.main(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert snapshot(tmp_path) == before, "a failed run changed files on disk"
+    return lines[0]
+
+
+@pytest.fixture
+def base(tmp_path, init_folder, corpus) -> list[str]:
+    return ["--data", str(corpus), "--init", str(init_folder), "--block-size", "64", "--device", "cpu",
+            "--out", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--batch-size", "two"], "argument --batch-size: invalid int value"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--grad-accum", "0"], "--grad-accum must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-0.001"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be finite"),
+    (["--block-size", "-4"], "--block-size must be positive"),
+    (["--max-steps", "0"], "--max-steps must be positive"),
+    (["--warmup-steps", "-2"], "--warmup-steps must be a finite number >= 0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be a finite number >= 0"),
+    (["--eval-split", "1.5"], "--eval-split must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--schedule", "exponential"], "argument --schedule: invalid choice"),
+    (["--precision", "fp8"], "argument --precision: invalid choice"),
+    (["--block-size", "1000"], "--block-size 1000 exceeds the model's context of 128"),
+    (["--device", "cuda"], "no CUDA GPU is available"),
+    (["--device", "tpu"], "is not"),
+])
+def test_bad_flags(capsys, tmp_path, base, extra, message):
+    fails_cleanly(capsys, tmp_path, [*base, *extra], message)
+
+
+def test_bad_data(capsys, tmp_path, init_folder):
+    def argv(data: Path) -> list[str]:
+        return ["--data", str(data), "--init", str(init_folder), "--out", str(tmp_path / "run"), "--device", "cpu"]
+
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "missing"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "empty"), "holds no stories")
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "a.bin").write_bytes(bytes(range(256)))
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "binary"), "holds no stories")
+    (tmp_path / "broken.jsonl").write_text('{"text": "Satu."}\n{"text": "Dua.}\n')
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "broken.jsonl"), "broken.jsonl line 2 is not valid JSON")
+    (tmp_path / "untitled.jsonl").write_text('{"text": "Satu."}\n{"body": "Dua."}\n')
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "untitled.jsonl"), 'untitled.jsonl line 2 has no "text"')
+    (tmp_path / "one.txt").write_text("Hanya satu cerita.\n")
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "one.txt"), "at least 2 are needed")
+
+
+def test_bad_init_and_tokenizer(capsys, tmp_path, base, corpus):
+    fails_cleanly(capsys, tmp_path, [*base, "--init", str(tmp_path / "nowhere")], "does not exist")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "bert" / "model.safetensors").write_bytes(b"")
+    fails_cleanly(capsys, tmp_path, [*base, "--init", str(tmp_path / "bert")], "GPT-2 models only")
+    big = Tokenizer.train([p.read_text() for p in corpus.glob("*.txt")], vocab_size=2000)
+    big.save(tmp_path / "big-tokenizer")
+    fails_cleanly(capsys, tmp_path, [*base, "--tokenizer", str(tmp_path / "big-tokenizer")],
+                  "the tokenizer has 2000 tokens but the model's embedding has only")
+
+
+def test_out_already_holding_a_run_is_not_overwritten(capsys, tmp_path, base):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    fails_cleanly(capsys, tmp_path, base, "already holds a run; pass --resume")
+
+
+def test_resume_with_nothing_to_resume(capsys, tmp_path, base):
+    fails_cleanly(capsys, tmp_path, [*base, "--resume"], "nothing to resume")
+    (tmp_path / "run").mkdir()
+    fails_cleanly(capsys, tmp_path, [*base, "--resume"], "nothing to resume")
+
+
+def test_unwritable_out(capsys, tmp_path, base):
+    (tmp_path / "a-file").write_text("not a folder")
+    fails_cleanly(capsys, tmp_path, [*base, "--out", str(tmp_path / "a-file" / "run")], "is a file, not a folder")
+
+
+def test_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
+    result = run_train("--batch-size", "-3", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr == "error: --batch-size must be positive, got -3\n"
+    assert not (tmp_path / "run").exists()
