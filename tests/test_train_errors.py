@@ -13,7 +13,7 @@ from gpt2kids.errors import run_cli
 from gpt2kids.tokenizer import Tokenizer
 
 sys.path.insert(0, str(REPO))
-import train as train_cli  # noqa: E402
+import train as train_cli
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
