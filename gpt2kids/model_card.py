@@ -21,9 +21,10 @@ def render(*, title: str, base_model: str, data_description: str, hyperparameter
         "",
         f"# {title}",
         "",
-        f"A GPT-2 fine-tuned from `{base_model}` on {data_description} with "
-        "gpt2kids (a hand-written PyTorch GPT-2 and training loop; no Hugging Face "
-        "Trainer).",
+        (f"A GPT-2 trained from {base_model}" if base_model.startswith("scratch")
+         else f"A GPT-2 fine-tuned from `{base_model}`")
+        + f" on {data_description}, with gpt2kids (a hand-written PyTorch GPT-2 and training loop; "
+        "no Hugging Face Trainer).",
         "",
     ]
     if note:

@@ -505,7 +505,7 @@ class Trainer:
             summary = f"epoch {row['epoch']}/{self.config.epochs}: train loss {train_loss:.4f}"
             if eval_loss is not None:
                 summary += f", eval loss {eval_loss:.4f}, perplexity {row['perplexity']:.2f}"
-            print(f"{summary} ({seconds:.0f} s, step {progress.step})", file=sys.stderr)
+            tqdm.write(f"{summary} ({seconds:.0f} s, step {progress.step})", file=sys.stderr)
         progress.epoch += 1
         progress.step_in_epoch = 0
         progress.epoch_loss_sum, progress.epoch_tokens = 0.0, 0
