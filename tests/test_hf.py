@@ -231,3 +231,14 @@ def test_convert_bad_input_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_resolves_to_its_final_export_else_best(tmp_path, reference):
+    from gpt2kids.hf import resolve
+
+    run = tmp_path / "run"
+    reference.save_pretrained(run / "best")
+    assert resolve(run) == run / "best"
+    reference.save_pretrained(run / "final")
+    assert resolve(run) == run / "final"
+    assert load_model(run)[1] == run / "final"
