@@ -47,7 +47,7 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     except Stopped as stop:
         print(str(stop), file=sys.stderr)
         raise SystemExit(stop.exit_status) from None
-    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, without the traceback
-        print("\ninterrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C where no one handles it (a second one, while training): no traceback
+        print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(status or 0)

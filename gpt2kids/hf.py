@@ -152,7 +152,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
         if not key.startswith("transformer."):
             key = "transformer." + key  # the original OpenAI upload has no prefix
         if key.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
+            tensor = tensor.t().contiguous()  # a parameter, not a strided view of the file's tensor
         ours[key] = tensor
     expected = _expected_shapes(config)
     missing = sorted(set(expected) - set(ours))

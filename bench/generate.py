@@ -1,0 +1,135 @@
+"""New tokens per second: gpt2kids' sampler against transformers' `generate`, on the same weights.
+
+GPT-2 Small shapes (124M parameters, vocabulary 50257) with random weights, batch 1, a 20-token
+prompt and exactly 200 new tokens on both sides (no end-of-text stop). Runs alternate between the
+two implementations and the medians are reported, with each side's fraction of the memory-bandwidth
+limit: decoding one token reads every weight once, so parameter bytes x tokens/s cannot exceed the
+bandwidth, which is measured in the same run by summing a 1 GiB tensor.
+
+    python bench/generate.py [--dtype fp32|bf16|both] [--threads N] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2kids.hf import load_model
+from gpt2kids.sampling import SamplingSettings, generate, optimize_for_decoding
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = {"greedy": dict(greedy=True), "top-k 50": dict(greedy=False, top_k=50)}
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of a few sums over a tensor far larger than any cache."""
+    data = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    data.sum()  # first touch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def timed(run: Callable[[], int]) -> float:
+    start = time.perf_counter()
+    produced = run()
+    return produced / (time.perf_counter() - start)
+
+
+def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, args: argparse.Namespace,
+                bandwidth: float) -> list[tuple[str, str, float, float, float]]:
+    from transformers import GPT2LMHeadModel
+
+    dtype = DTYPES[dtype_name]
+    reference = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval()
+    # No end-of-text stop on either side: both produce exactly --new-tokens.
+    reference.generation_config.eos_token_id = None
+    ours, _ = load_model(folder, "cpu", dtype)
+    optimize_for_decoding(ours.eval())  # what generate.py does after loading
+    limit = bandwidth / (ours.num_parameters() * torch.finfo(dtype).bits // 8)
+    rows = []
+    for mode, options in MODES.items():
+        settings = SamplingSettings(max_new_tokens=args.new_tokens, **options)
+
+        def run_ours(settings: SamplingSettings = settings) -> int:
+            out = generate(ours, [prompt[0].tolist()], settings, eos, stop_at_eos=False)
+            assert len(out[0]) == args.new_tokens, len(out[0])
+            return len(out[0])
+
+        def run_reference(settings: SamplingSettings = settings) -> int:
+            with torch.inference_mode():
+                out = reference.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=not settings.greedy,
+                    top_k=None if settings.greedy else settings.top_k, top_p=1.0, temperature=1.0,
+                    max_new_tokens=args.new_tokens, pad_token_id=eos)
+            produced = out.shape[1] - prompt.shape[1]
+            assert produced == args.new_tokens, produced
+            return produced
+
+        run_ours()  # warm-up: first-call allocations and kernel selection
+        run_reference()
+        speeds: dict[str, list[float]] = {"gpt2kids": [], "transformers": []}
+        for _ in range(args.repeats):  # alternate, so drifting machine load hits both sides alike
+            speeds["gpt2kids"].append(timed(run_ours))
+            speeds["transformers"].append(timed(run_reference))
+        print(f"{dtype_name} {mode}: " + ", ".join(
+            f"{name} {' '.join(f'{v:.1f}' for v in values)}" for name, values in speeds.items()), file=sys.stderr)
+        rows.append((dtype_name, mode, statistics.median(speeds["gpt2kids"]),
+                     statistics.median(speeds["transformers"]), limit))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--prompt-tokens", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    bandwidth = memory_bandwidth()
+    print(f"torch {torch.__version__}, {args.threads} threads, memory read bandwidth {bandwidth / 1e9:.1f} GB/s",
+          file=sys.stderr)
+
+    torch.manual_seed(0)
+    eos = 50256
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=eos, eos_token_id=eos)
+    prompt = torch.randint(0, eos, (1, args.prompt_tokens))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        GPT2LMHeadModel(config).save_pretrained(folder)
+        for dtype_name in DTYPES if args.dtype == "both" else [args.dtype]:
+            rows += bench_dtype(folder, dtype_name, prompt, eos, args, bandwidth)
+
+    print(f"\nGPT-2 Small (124M), batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+          f"{args.threads} threads, median of {args.repeats}; memory read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    print("| weights | decoding | gpt2kids tok/s | transformers tok/s | ratio | bandwidth limit tok/s "
+          "| gpt2kids % of limit | transformers % of limit |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for dtype_name, mode, ours_speed, hf_speed, limit in rows:
+        print(f"| {dtype_name} | {mode} | {ours_speed:.1f} | {hf_speed:.1f} | {ours_speed / hf_speed:.2f}x "
+              f"| {limit:.0f} | {100 * ours_speed / limit:.0f}% | {100 * hf_speed / limit:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

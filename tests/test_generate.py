@@ -1,0 +1,129 @@
+"""`python generate.py` end to end, in a subprocess, on a small exported model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SAMPLE_TEXTS
+
+from gpt2kids.config import GPT2Config
+from gpt2kids.generation import TextStream, newest_export
+from gpt2kids.hf import export
+from gpt2kids.model import GPT2
+from gpt2kids.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def model_folder(tokenizer, tmp_path_factory) -> Path:
+    torch.manual_seed(5)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    folder = tmp_path_factory.mktemp("export") / "final"
+    export(GPT2(config), tokenizer, folder)
+    return folder
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, encoding="utf-8", errors="surrogateescape", timeout=120)
+
+
+def jsonl(result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_jsonl_records_and_seed_repeats(model_folder):
+    args = ["Kancil melompat", "Budi suka", "--model", str(model_folder), "--format", "jsonl",
+            "--max-new-tokens", "12", "--num-return-sequences", "2", "--seed", "3", "--precision", "fp32"]
+    first = run(*args)
+    records = jsonl(first)
+    assert len(records) == 4
+    for record, prompt in zip(records, ["Kancil melompat"] * 2 + ["Budi suka"] * 2, strict=True):
+        assert set(record) == {"prompt", "completion", "text", "new_tokens"}
+        assert record["prompt"] == prompt
+        assert record["text"] == record["prompt"] + record["completion"]
+        assert 0 <= record["new_tokens"] <= 12
+    assert "tokens/s" in first.stderr
+    assert jsonl(run(*args)) == records  # same seed, same text
+    other = jsonl(run(*args[:-3], "4", "--precision", "fp32"))
+    assert [r["completion"] for r in other] != [r["completion"] for r in records]
+
+
+def test_text_streams_only_generated_text(model_folder):
+    common = ["Pada suatu hari", "Intan", "--model", str(model_folder), "--max-new-tokens", "15", "--seed", "9",
+              "--num-return-sequences", "2", "--top-k", "0", "--top-p", "0.95", "--temperature", "0.9"]
+    text = run(*common)
+    assert text.returncode == 0, text.stderr
+    records = jsonl(run(*common, "--format", "jsonl"))
+    # Each sequence is its prompt and continuation, with a blank line between sequences.
+    assert text.stdout == "\n\n".join(record["text"] for record in records) + "\n"
+    assert "loading" in text.stderr and "tokens/s" in text.stderr
+
+
+def test_greedy_and_empty_prompt(model_folder):
+    args = ["", "Sari pergi", "--model", str(model_folder), "--greedy", "--format", "jsonl", "--max-new-tokens", "10"]
+    records = jsonl(run(*args))
+    assert records[0]["prompt"] == "" and records[0]["text"] == records[0]["completion"]
+    assert jsonl(run(*args)) == records
+
+
+def test_long_prompt_keeps_its_end_with_a_warning(model_folder):
+    result = run("kancil dan buaya " * 40, "--model", str(model_folder), "--max-new-tokens", "10",
+                 "--format", "jsonl")
+    records = jsonl(result)
+    assert len(records) == 1
+    assert "warning: prompt 1 has" in result.stderr and "last 54" in result.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--temperature", "0"], "--greedy"),
+    (["--top-k", "ten"], "--top-k"),
+    (["\udcff"], "not valid UTF-8"),
+])
+def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words):
+    flags = [flag.replace("{missing}", str(tmp_path / "no-such-model")) for flag in flags]
+    args = ["Halo", "--model", str(model_folder), *flags]
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_newest_export_is_the_default(tmp_path):
+    assert newest_export(tmp_path / "runs") is None
+    for index, name in enumerate(["a/final", "b/best", "c/final"]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        config = tmp_path / "runs" / name / "config.json"
+        config.write_text("{}")
+        os.utime(config, (1_000_000 + index * (-1 if name == "c/final" else 1),) * 2)
+    assert newest_export(tmp_path / "runs") == tmp_path / "runs" / "b" / "best"
+
+
+def test_stream_never_prints_half_a_character():
+    tokenizer = Tokenizer.train(SAMPLE_TEXTS, vocab_size=257)  # no merges: one token per byte
+    ids = tokenizer.encode("Roket 🚀 terbang")
+    assert len(ids) == len("Roket 🚀 terbang".encode())
+    out = io.StringIO()
+    stream = TextStream(tokenizer, ["A: "], out)
+    for token in ids:
+        stream([token])
+        assert "\ufffd" not in out.getvalue()
+    stream([None])
+    stream.finish()
+    assert out.getvalue() == "A: Roket 🚀 terbang\n"

@@ -1,0 +1,268 @@
+"""The sampler against transformers: each logits processor, then whole greedy decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gpt2kids.config import GPT2Config
+from gpt2kids.errors import UserError
+from gpt2kids.hf import load_model
+from gpt2kids.model import GPT2
+from gpt2kids.sampling import (
+    NGramBans,
+    SamplingSettings,
+    apply_bans,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    fit_prompt,
+    generate,
+    optimize_for_decoding,
+    seen_tokens,
+)
+
+VOCAB = 101
+EOS = VOCAB - 1  # conftest's hf_model puts end-of-text last
+TINY = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+
+
+@pytest.fixture
+def scores() -> torch.Tensor:
+    return torch.randn(4, VOCAB) * 3
+
+
+@pytest.fixture
+def history() -> torch.Tensor:
+    # A small id range so that tokens and n-grams repeat.
+    return torch.randint(0, 12, (4, 40))
+
+
+# --- processors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_temperature(scores, temperature):
+    expected = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    torch.testing.assert_close(apply_temperature(scores, temperature), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, VOCAB, VOCAB + 10])
+def test_top_k(scores, k):
+    expected = TopKLogitsWarper(k)(None, scores.clone())
+    assert torch.equal(apply_top_k(scores, k), expected)
+
+
+def test_top_k_keeps_ties_at_the_threshold():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    ours = apply_top_k(scores, 2)
+    assert torch.equal(ours, TopKLogitsWarper(2)(None, scores.clone()))
+    assert torch.isfinite(ours).sum(dim=1).tolist() == [4, 6]
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.999, 1.0])
+def test_top_p(scores, top_p):
+    expected = TopPLogitsWarper(top_p)(None, scores.clone())
+    ours = apply_top_p(scores, top_p)
+    assert torch.equal(ours, expected)
+    if top_p == 1e-6:  # only the best token survives
+        assert torch.isfinite(ours).sum(dim=1).tolist() == [1] * scores.shape[0]
+        assert torch.equal(ours.argmax(dim=1), scores.argmax(dim=1))
+
+
+def test_top_p_after_top_k_with_minus_infinity(scores):
+    filtered = apply_top_k(scores, 7)
+    assert torch.equal(apply_top_p(filtered, 0.8), TopPLogitsWarper(0.8)(None, filtered.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty(scores, history, penalty):
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(history, scores.clone())
+    seen = seen_tokens(history.tolist(), VOCAB, "cpu")
+    torch.testing.assert_close(apply_repetition_penalty(scores, seen, penalty), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram(scores, history, n):
+    expected = NoRepeatNGramLogitsProcessor(n)(history, scores.clone())
+    bans = NGramBans(history.tolist(), n)
+    ours = apply_bans(scores, [bans.banned(row) for row in range(history.shape[0])])
+    assert torch.equal(ours, expected)
+
+
+def test_no_repeat_ngram_kept_incrementally_equals_from_scratch(history):
+    bans = NGramBans(history[:, :10].tolist(), 3)
+    for column in range(10, history.shape[1]):
+        for row in range(history.shape[0]):
+            bans.add(row, int(history[row, column]))
+    fresh = NGramBans(history.tolist(), 3)
+    assert [bans.banned(r) for r in range(4)] == [fresh.banned(r) for r in range(4)]
+
+
+def test_no_repeat_ngram_on_short_history():
+    scores = torch.zeros(1, 10)
+    bans = NGramBans([[3]], 3)
+    assert torch.equal(apply_bans(scores, [bans.banned(0)]), scores)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(max_new_tokens=-5), "--max-new-tokens"),
+    (dict(top_p=0.0), "--top-p"),
+    (dict(top_p=1.5), "--top-p"),
+    (dict(top_p=float("nan")), "--top-p"),
+    (dict(temperature=0.0), "--greedy"),
+    (dict(top_k=-1), "--top-k"),
+    (dict(repetition_penalty=0.0), "--repetition-penalty"),
+    (dict(no_repeat_ngram_size=-1), "--no-repeat-ngram-size"),
+    (dict(num_return_sequences=0), "--num-return-sequences"),
+])
+def test_settings_refuse_bad_values(change, message):
+    with pytest.raises(UserError, match=message):
+        SamplingSettings(**change).validate()
+    SamplingSettings(temperature=0.0, greedy=True).validate()  # greedy ignores the temperature
+
+
+def test_fit_prompt():
+    assert fit_prompt([], 64, 10, EOS) == ([EOS], False)
+    assert fit_prompt([1, 2, 3], 64, 10, EOS) == ([1, 2, 3], False)
+    assert fit_prompt(list(range(60)), 64, 10, EOS) == (list(range(6, 60)), True)
+    assert fit_prompt(list(range(60)), 64, 100, EOS) == ([59], True)  # always keeps one token
+
+
+# --- whole decodes ---------------------------------------------------------------------------------
+
+def up_to_eos(ids: list[int]) -> list[int]:
+    return ids[:ids.index(EOS)] if EOS in ids else ids
+
+
+@pytest.fixture
+def pair(hf_checkpoint):
+    reference, folder = hf_checkpoint(**TINY)
+    ours, _ = load_model(folder)
+    return reference, ours.eval()
+
+
+@pytest.mark.parametrize("options", [{}, dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
+                                     dict(repetition_penalty=1.2, no_repeat_ngram_size=3)])
+def test_greedy_matches_transformers(pair, options):
+    reference, ours = pair
+    prompt = torch.randint(0, EOS, (1, 9))
+    with torch.no_grad():
+        expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                      max_new_tokens=30, pad_token_id=EOS, eos_token_id=EOS, **options)
+    expected_new = up_to_eos(expected[0, prompt.shape[1]:].tolist())
+    got = generate(ours, [prompt[0].tolist()], SamplingSettings(max_new_tokens=30, greedy=True, **options), EOS)
+    assert got == [expected_new]
+    assert len(expected_new) >= 5  # the comparison covers real decoding, not an early stop
+
+
+def test_seeded_sampling_matches_transformers(pair):
+    """With the same RNG stream, the processors and the draw are those of transformers."""
+    reference, ours = pair
+    prompt = torch.randint(0, EOS, (1, 5))
+    options = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                      max_new_tokens=25, pad_token_id=EOS, eos_token_id=EOS, **options)
+    torch.manual_seed(7)
+    got = generate(ours, [prompt[0].tolist()], SamplingSettings(max_new_tokens=25, **options), EOS)
+    assert got == [up_to_eos(expected[0, prompt.shape[1]:].tolist())]
+
+
+def tiny_model(**overrides) -> GPT2:
+    torch.manual_seed(3)
+    config = GPT2Config(**{**TINY, "bos_token_id": EOS, "eos_token_id": EOS, **overrides})
+    return GPT2(config).eval()
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone():
+    model = tiny_model()
+    prompts = [[5, 6, 7], list(range(20, 37)), [9], list(range(40, 48))]
+    settings = SamplingSettings(max_new_tokens=20, greedy=True, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    batched = generate(model, prompts, settings, EOS)
+    alone = [generate(model, [prompt], settings, EOS)[0] for prompt in prompts]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kv_cache_equals_recomputing(greedy):
+    model = tiny_model()
+    prompts = [[5, 6, 7], list(range(20, 31))]
+    settings = SamplingSettings(max_new_tokens=25, greedy=greedy, top_k=30, top_p=0.95, num_return_sequences=2)
+    cached = generate(model, prompts, settings, EOS, torch.Generator().manual_seed(11))
+    recomputed = generate(model, prompts, settings, EOS, torch.Generator().manual_seed(11), use_cache=False)
+    assert cached == recomputed
+    assert len(cached) == 4
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    model = tiny_model()
+    settings = SamplingSettings(max_new_tokens=30, top_k=0)
+
+    def run(seed: int) -> list[list[int]]:
+        return generate(model, [[1, 2, 3]], settings, EOS, torch.Generator().manual_seed(seed), stop_at_eos=False)
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_sequences_stop_on_their_own_at_eos_and_callback_sees_each_step():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [7, 8, 9], [30, 31, 32]]  # equal lengths: no padding, so eos only stops
+    settings = SamplingSettings(max_new_tokens=15, greedy=True)
+    free = generate(model, prompts, settings, EOS, stop_at_eos=False)
+    stop = free[0][4]  # call a token that row 0 produces "end-of-text"
+    expected = [row[:row.index(stop)] if stop in row else row for row in free]
+    steps: list[list[int | None]] = []
+    out = generate(model, prompts, settings, stop, on_tokens=steps.append)
+    assert out == expected
+    assert len(out[0]) <= 4
+    for row in range(len(prompts)):
+        column = [step[row] for step in steps]
+        assert [token for token in column if token is not None] == out[row]
+        if None in column:  # once finished, a row reports nothing more
+            assert all(token is None for token in column[column.index(None):])
+    assert len(steps) == max(len(row) + (row != free_row) for row, free_row in zip(out, free, strict=True))
+
+
+def test_stops_when_the_context_is_full():
+    model = tiny_model(n_positions=16)
+    out = generate(model, [list(range(10))], SamplingSettings(max_new_tokens=6, greedy=True), EOS,
+                   stop_at_eos=False)
+    assert len(out[0]) == 6
+    # More new tokens than the context holds: the prompt keeps its last token, and decoding stops
+    # when the context is full (the last token sampled is never fed back, hence one more).
+    out = generate(model, [list(range(10))], SamplingSettings(max_new_tokens=50, greedy=True), EOS,
+                   stop_at_eos=False)
+    assert len(out[0]) == 16
+
+
+def test_empty_prompt_starts_from_eos():
+    model = tiny_model()
+    settings = SamplingSettings(max_new_tokens=8, greedy=True)
+    assert generate(model, [[]], settings, EOS) == generate(model, [[EOS]], settings, EOS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimize_for_decoding_keeps_the_tokens(hf_checkpoint, dtype):
+    _, folder = hf_checkpoint(**TINY)
+    model, _ = load_model(folder, dtype=dtype)
+    settings = SamplingSettings(max_new_tokens=20, greedy=True)
+    before = generate(model.eval(), [[3, 4, 5]], settings, EOS)
+    optimize_for_decoding(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, weight in model.named_parameters():
+        if weight.dim() == 2 and "wpe" not in name:  # wte is lm_head's weight
+            out_features, in_features = weight.shape
+            column_major = dtype == torch.float32 and out_features >= in_features
+            assert weight.t().is_contiguous() if column_major else weight.is_contiguous(), name
+    assert generate(model, [[3, 4, 5]], settings, EOS) == before
