@@ -14,6 +14,10 @@ import torch
 IGNORE_INDEX = -100
 # Elements of fp32 logits per chunk (2**25 is 128 MB): big enough for efficient matmuls.
 CHUNK_ELEMENTS = 1 << 25
+# Rows of the head's weight gradient accumulated at a time (see the end of the chunk loop).
+ACCUMULATE_ROWS = 4096
+# Logits per logsumexp call (2**21 is 8 MB in fp32): the size of its temporaries.
+LOGSUMEXP_ELEMENTS = 1 << 21
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -37,25 +41,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = targets != IGNORE_INDEX
         safe_targets = torch.where(valid, targets, 0)
-        for start in range(0, h.shape[0], chunk_tokens):
-            end = start + chunk_tokens
-            h_chunk, t_chunk, v_chunk = h[start:end], safe_targets[start:end], valid[start:end]
-            logits = (h_chunk @ w.t()).float()
-            log_normaliser = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, t_chunk[:, None]).squeeze(1)
-            loss_sum += ((log_normaliser - target_logit) * v_chunk).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            # d loss / d logits = softmax - one_hot, zero on ignored rows; computed in place.
-            grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
-            rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
-            grad_logits[rows, t_chunk] -= 1.0
-            grad_logits *= v_chunk[:, None]
-            grad_logits = grad_logits.to(dtype)
-            if grad_h is not None:
-                grad_h[start:end] = grad_logits @ w
-            if grad_w is not None:
-                grad_w += grad_logits.t() @ h_chunk
+        rows, vocab = h.shape[0], w.shape[0]
+        logsumexp_rows = max(1, LOGSUMEXP_ELEMENTS // vocab)
+        # Equal chunks: 2048 tokens at <= 667 per chunk are 4 x 512, not 3 x 667 + a thin 47-row matmul.
+        chunk_tokens = max(1, -(-rows // max(1, -(-rows // chunk_tokens))))
+        # One set of chunk buffers, reused by every chunk. Fresh chunk-sized tensors would each be
+        # page-faulted in anew (glibc returns blocks this big to the OS when they are freed), which
+        # on a 2-core CPU cost more than the loss's softmax arithmetic.
+        scores = torch.empty(min(chunk_tokens, rows), vocab, dtype=dtype, device=h.device)  # matmul outputs
+        fp32_compute = dtype == torch.float32
+        logits_buffer = scores if fp32_compute else torch.empty(scores.shape, dtype=torch.float32, device=h.device)
+        if want_grad_w and not fp32_compute:  # for grad_w's accumulation by blocks of rows, below
+            block = torch.empty(min(ACCUMULATE_ROWS, vocab), w.shape[1], dtype=dtype, device=h.device)
+            block_fp32 = torch.empty(block.shape, dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):  # every operand is in `dtype` already
+            for start in range(0, rows, chunk_tokens):
+                end = min(start + chunk_tokens, rows)
+                h_chunk, t_chunk, v_chunk = h[start:end], safe_targets[start:end], valid[start:end]
+                products = torch.mm(h_chunk, w.t(), out=scores[: end - start])
+                logits = products if fp32_compute else logits_buffer[: end - start].copy_(products)
+                target_logit = logits.gather(1, t_chunk[:, None]).squeeze(1)
+                # torch.logsumexp by blocks of rows: whole, it would allocate two more chunk-sized temporaries.
+                log_normaliser = torch.cat([torch.logsumexp(logits[r:r + logsumexp_rows], dim=-1)
+                                            for r in range(0, end - start, logsumexp_rows)])
+                loss_sum += ((log_normaliser - target_logit) * v_chunk).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                # d loss / d logits = softmax - one_hot, zero on ignored rows; computed in place.
+                grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
+                grad_logits[torch.arange(end - start, device=h.device), t_chunk] -= 1.0
+                grad_logits *= v_chunk[:, None]
+                if not fp32_compute:
+                    grad_logits = products.copy_(grad_logits)  # to the compute dtype, in the matmul buffer
+                if grad_h is not None:
+                    grad_h[start:end] = grad_logits @ w
+                if grad_w is None:
+                    continue
+                if fp32_compute:
+                    grad_w.addmm_(grad_logits.t(), h_chunk)
+                    continue
+                # grad_w += grad_logits.T @ h_chunk, a block of rows at a time through two small buffers:
+                # whole, the product (compute dtype) and the fp32 copy `+=` makes of it would be two more
+                # (V, C) temporaries, 77 MB + 147 MB for GPT-2.
+                for first in range(0, vocab, ACCUMULATE_ROWS):
+                    last = min(first + ACCUMULATE_ROWS, vocab)
+                    product = torch.mm(grad_logits[:, first:last].t(), h_chunk, out=block[: last - first])
+                    grad_w[first:last] += block_fp32[: last - first].copy_(product)
         ctx.save_for_backward(grad_h, grad_w)
         count = valid.sum()
         ctx.mark_non_differentiable(count)
