@@ -6,7 +6,8 @@ and train on the same blocks of the bundled stories, in the same order:
 - gpt2kids: `build_trainer` + `Trainer.train_step`, dropout 0, constant lr 5e-5, clip 1.0;
 - transformers: `GPT2LMHeadModel` in a plain loop with the same settings: dropout 0, the same
   precision (torch.autocast), fused AdamW (lr 5e-5, no weight decay), clip 1.0, `labels=`;
-- with `--hf-defaults`, also transformers with dropout 0.1 in fp32 (what the HF Trainer runs by default).
+- with `--hf-defaults`, also transformers with dropout 0.1 in fp32 (what the HF Trainer runs by default);
+- with `--gpt2kids-dropout`, also gpt2kids with dropout 0.1 (what train.py keeps when fine-tuning GPT-2).
 
 Each side lives in its own worker process, so its peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is its own. The parent sends "step" to the workers in turn, so the
@@ -16,15 +17,17 @@ weights and data they must agree, which shows both sides compute the same thing.
 
 On a shared CPU another process can steal cores mid-step. The parent reads /proc/stat around every
 step: CPU time spent outside the stepping worker (other processes, hypervisor steal) above
-`--max-foreign` of the machine's capacity marks the step as disturbed, and it is repeated.
+`--max-foreign` of the machine's capacity marks the step as disturbed: it is not timed, and every
+side runs extra rounds (up to 6) until each has --steps undisturbed ones, so all sides still take the
+same steps on the same blocks and their losses compare step by step.
 
 `--malloc tuned` runs every worker with glibc's mmap and trim thresholds raised (the environment
 variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_), so freed activation memory is reused
 instead of being returned to the OS and page-faulted back in on the next step.
 
     python bench/train_step.py [--model-size small|tiny] [--batch 4] [--block 512] [--precision auto]
-                               [--steps 5] [--warmup 2] [--hf-defaults] [--compile] [--device auto]
-                               [--malloc default|tuned]
+                               [--steps 5] [--warmup 2] [--hf-defaults] [--gpt2kids-dropout] [--compile]
+                               [--device auto] [--malloc default|tuned]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from gpt2kids.config import GPT2Config
 from gpt2kids.device import choose_precision, resolve_device
 
 LR = 5e-5
-MAX_ATTEMPTS = 4  # tries of a measured step before a disturbed one is kept anyway
+MAX_EXTRA_ROUNDS = 6  # rounds run beyond --steps to replace steps disturbed by other work
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_GRAD_NORM = 1.0
 # Environment for the workers. "tuned": big blocks stay in the process after free (values are bytes).
@@ -59,6 +62,7 @@ SIDES = {
     "gpt2kids": ("gpt2kids", 0.0, None),
     "transformers": ("transformers", 0.0, None),
     "transformers-defaults": ("transformers", 0.1, "fp32"),
+    "gpt2kids-dropout": ("gpt2kids", 0.1, None),
 }
 
 
@@ -74,10 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side first")
     parser.add_argument("--hf-defaults", action="store_true",
                         help="also run transformers with dropout 0.1 in fp32 (the Trainer-like defaults)")
+    parser.add_argument("--gpt2kids-dropout", action="store_true",
+                        help="also run gpt2kids with dropout 0.1 (what train.py keeps when fine-tuning GPT-2)")
     parser.add_argument("--malloc", default="default", choices=tuple(MALLOC),
                         help="glibc allocator settings for every worker (see above)")
     parser.add_argument("--max-foreign", type=float, default=0.1,
-                        help="repeat a step when other work used more than this fraction of the CPUs")
+                        help="leave a step untimed when other work used more than this fraction of the CPUs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=tuple(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -214,6 +220,7 @@ class Worker:
         self.cpu_share: list[float] = []  # CPU seconds used / (wall seconds x threads), per measured step
         self.losses: list[float] = []
         self.disturbed = 0
+        self.disturbed_seconds: list[float] = []
 
     def request(self, command: str) -> dict[str, Any]:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -242,7 +249,8 @@ def step_and_watch(w: Worker) -> tuple[dict[str, Any], float | None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
-    names = ["gpt2kids", "transformers"] + (["transformers-defaults"] if args.hf_defaults else [])
+    names = (["gpt2kids", "transformers"] + (["transformers-defaults"] if args.hf_defaults else [])
+             + (["gpt2kids-dropout"] if args.gpt2kids_dropout else []))
     with tempfile.TemporaryDirectory(prefix="gpt2kids-bench-") as temporary:
         folder = Path(temporary) / "model"
         config = make_model_folder(args.model_size, folder)
@@ -257,25 +265,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 w.info = w.receive()
             # The roof for MFU, timed while every worker is idle, before and after the steps; the best counts.
             peaks = {name: matmul_peak(DTYPES[name], device) for name in {w.info["precision"] for w in workers}}
-            for round_index in range(args.warmup + args.steps):
+            # Every side takes the same steps on the same blocks, so their losses stay comparable step by
+            # step. A step disturbed by other work is not timed; extra rounds (all sides) make up for it.
+            rounds = 0
+            while True:
                 # Rotate who goes first so no side always runs right after the same other one.
-                shift = round_index % len(workers)
+                shift = rounds % len(workers)
                 for w in workers[shift:] + workers[:shift]:
-                    measured = round_index >= args.warmup
-                    for attempt in range(MAX_ATTEMPTS if measured else 1):
-                        result, foreign = step_and_watch(w)
-                        w.losses.append(result["loss"])
-                        note = f", {foreign:.0%} of the CPUs busy elsewhere" if foreign is not None else ""
-                        print(f"step {round_index + 1}/{args.warmup + args.steps} {w.name}: {result['seconds']:.2f} s, "
-                              f"loss {result['loss']:.4f}{note}", file=sys.stderr)
-                        if not measured:
-                            break
-                        if foreign is None or foreign <= args.max_foreign or attempt == MAX_ATTEMPTS - 1:
-                            w.seconds.append(result["seconds"])
-                            w.cpu_share.append(result["cpu_seconds"] / result["seconds"] / w.info["threads"])
-                            break
+                    result, foreign = step_and_watch(w)
+                    w.losses.append(result["loss"])
+                    note = f", {foreign:.0%} of the CPUs busy elsewhere" if foreign is not None else ""
+                    print(f"step {rounds + 1} {w.name}: {result['seconds']:.2f} s, "
+                          f"loss {result['loss']:.4f}{note}", file=sys.stderr)
+                    if rounds < args.warmup:
+                        continue
+                    if foreign is None or foreign <= args.max_foreign:
+                        w.seconds.append(result["seconds"])
+                        w.cpu_share.append(result["cpu_seconds"] / result["seconds"] / w.info["threads"])
+                    else:
                         w.disturbed += 1
-                        print("  disturbed by other work: repeating it", file=sys.stderr)
+                        w.disturbed_seconds.append(result["seconds"])
+                        print("  disturbed by other work: not timed", file=sys.stderr)
+                rounds += 1
+                planned = args.warmup + args.steps
+                enough = all(len(w.seconds) >= args.steps for w in workers)
+                if rounds >= planned and (enough or rounds >= planned + MAX_EXTRA_ROUNDS):
+                    break
+            for w in workers:
+                if not w.seconds:  # never undisturbed: time what there is, and say so through "disturbed"
+                    w.seconds = w.disturbed_seconds
+                    w.cpu_share = [float("nan")]
             peaks = {name: max(flops, matmul_peak(DTYPES[name], device)) for name, flops in peaks.items()}
             for w in workers:
                 w.info.update(w.request("done"))
@@ -298,14 +317,14 @@ def summarise(args: argparse.Namespace, config: GPT2Config, device: torch.device
             "side": w.name, "precision": w.info["precision"], "dropout": SIDES[w.name][1],
             "step_s": median, "steps_per_s": 1 / median, "tokens_per_s": tokens / median,
             "peak_bytes": w.info["peak_bytes"], "mfu": tokens * flops_per_token / median / peaks[w.info["precision"]],
-            # The loss at the same step number on every side (repeated steps are extra steps at the end).
-            "first_loss": w.losses[0], "last_loss": w.losses[args.warmup + args.steps - 1],
+            # Every side took the same number of steps on the same blocks: the losses compare step by step.
+            "first_loss": w.losses[0], "last_loss": w.losses[-1],
             "step_seconds": w.seconds,
-            "cpu_share": statistics.mean(w.cpu_share), "disturbed_steps_repeated": w.disturbed,
+            "cpu_share": statistics.mean(w.cpu_share), "disturbed_steps": w.disturbed,
         })
     return {"machine": machine(device), "device": str(device), "model_size": args.model_size,
             "batch": args.batch, "block": args.block, "compile": args.compile, "malloc": args.malloc,
-            "steps": args.steps,
+            "steps": args.steps, "rounds": len(workers[0].losses),
             "warmup": args.warmup, "flops_per_token": flops_per_token,
             "matmul_peak_flops": peaks, "rows": rows}
 
@@ -324,7 +343,7 @@ def table(results: dict[str, Any]) -> str:
         + ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in results["matmul_peak_flops"].items()),
         "",
         f"| side | precision | dropout | s/step | steps/s | tokens/s | vs transformers | {memory} | vs transformers "
-        f"| MFU | CPU share | repeated | loss, step 1 | loss, step {results['warmup'] + results['steps']} |",
+        f"| MFU | CPU share | disturbed | loss, step 1 | loss, step {results['rounds']} |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -332,7 +351,7 @@ def table(results: dict[str, Any]) -> str:
             f"| {r['side']} | {r['precision']} | {r['dropout']} | {r['step_s']:.2f} | {r['steps_per_s']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / reference['tokens_per_s']:.2f}x | "
             f"{gib(r['peak_bytes'])} | {r['peak_bytes'] / reference['peak_bytes']:.2f}x | {r['mfu']:.1%} | "
-            f"{r['cpu_share']:.0%} | {r['disturbed_steps_repeated']} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
+            f"{r['cpu_share']:.0%} | {r['disturbed_steps']} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from gpt2kids.config import TANH_GELU_NAMES, GPT2Config
 from gpt2kids.loss import IGNORE_INDEX, linear_cross_entropy
+from gpt2kids.ops import causal_attention, project
 
 
 def dropout_or_identity(rate: float) -> nn.Module:
@@ -40,10 +41,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout_or_identity(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """Attention over `norm(x)` (the block passes its ln_1 so the pair can be fused in training)."""
         batch, length, width = x.shape
         # (B, T, 3C) -> three (B, H, T, D) views.
-        q, k, v = self.c_attn(x).view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = project(self.c_attn, x, norm)
+        q, k, v = qkv.view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_index, k, v)
         dropout = self.attn_pdrop if self.training else 0.0
@@ -51,14 +54,14 @@ class CausalSelfAttention(nn.Module):
             # One new token sees every cached key: no mask at all.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         elif mask is None and (kv_cache is None or kv_cache.length == 0):
-            # The training path: causal attention with no mask in memory (flash / efficient kernels).
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            # The training path: causal attention with no mask in memory.
+            y = causal_attention(q, k, v, dropout)
         else:
             if mask is None:
                 raise ValueError("a multi-token forward after a filled KV cache needs a mask (see build_mask)")
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(batch, length, width)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(project(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -69,8 +72,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
         self.dropout = dropout_or_identity(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """The MLP of `norm(x)` (the block passes its ln_2)."""
+        return self.dropout(project(self.c_proj, project(self.c_fc, x, norm), self.act))
 
 
 class Block(nn.Module):
@@ -85,8 +89,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(x, mask, kv_cache, norm=self.ln_1)
+        return x + self.mlp(x, norm=self.ln_2)
 
 
 class GPT2(nn.Module):
