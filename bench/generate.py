@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2kids.decoding import optimize_for_decoding
 from gpt2kids.hf import load_model
-from gpt2kids.sampling import SamplingSettings, generate, optimize_for_decoding
+from gpt2kids.sampling import SamplingSettings, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {"greedy": dict(greedy=True), "top-k 50": dict(greedy=False, top_k=50)}
@@ -57,8 +58,8 @@ def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, ar
     # No end-of-text stop on either side: both produce exactly --new-tokens.
     reference.generation_config.eos_token_id = None
     ours, _ = load_model(folder, "cpu", dtype)
-    optimize_for_decoding(ours.eval())  # what generate.py does after loading
     limit = bandwidth / (ours.num_parameters() * torch.finfo(dtype).bits // 8)
+    optimize_for_decoding(ours.eval())  # what generate.py does after loading
     rows = []
     for mode, options in MODES.items():
         settings = SamplingSettings(max_new_tokens=args.new_tokens, **options)

@@ -17,10 +17,11 @@ from typing import TextIO
 
 import torch
 
+from gpt2kids.decoding import optimize_for_decoding
 from gpt2kids.device import PRECISIONS, resolve_device, weights_dtype_for_inference
 from gpt2kids.errors import ArgumentParser, UserError
 from gpt2kids.hf import load_model, load_tokenizer, resolve
-from gpt2kids.sampling import SamplingSettings, fit_prompt, generate, optimize_for_decoding
+from gpt2kids.sampling import SamplingSettings, fit_prompt, generate
 from gpt2kids.tokenizer import Tokenizer
 
 HUB_DEFAULT = "bookbot/gpt2-indo-small-kids-stories"

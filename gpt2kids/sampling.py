@@ -171,30 +171,6 @@ def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: in
 
 # --- the decode loop ------------------------------------------------------------------------------
 
-def optimize_for_decoding(model: GPT2) -> GPT2:
-    """Lay out every Linear weight for one-row matmuls; for a model that will only decode.
-
-    With one token per step every Linear is a matrix-vector product, and its speed depends on the
-    weight's memory layout. Measured on CPU: fp32 BLAS streams a column-major weight about twice as
-    fast as a row-major (out, in) one when the output is at least as wide as the input (c_attn,
-    attn.c_proj, c_fc and above all the 50257-wide lm_head), while mlp.c_proj (3072 in, 768 out) is
-    faster row-major; bf16 kernels prefer row-major throughout. Checkpoints loaded from HF arrive
-    with the four Conv1D weights column-major (transposed views), so every weight is set explicitly.
-    Values and shapes do not change, only strides; the tied embedding still reads one row per
-    token. Do not train the model afterwards.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            weight = module.weight
-            out_features, in_features = weight.shape
-            column_major = (weight.device.type == "cpu" and weight.dtype == torch.float32
-                            and out_features >= in_features)
-            laid_out = weight.data.t().contiguous().t() if column_major else weight.data.contiguous()
-            if laid_out.stride() != weight.stride():
-                weight.data = laid_out
-    return model
-
-
 def _choose(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
     if greedy:
         return scores.argmax(dim=-1)
@@ -315,5 +291,5 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
 
 __all__ = [
     "NGramBans", "SamplingSettings", "StepCallback", "apply_bans", "apply_repetition_penalty", "apply_temperature",
-    "apply_top_k", "apply_top_p", "fit_prompt", "generate", "optimize_for_decoding", "seen_tokens", "warp",
+    "apply_top_k", "apply_top_p", "fit_prompt", "generate", "seen_tokens", "warp",
 ]

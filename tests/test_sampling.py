@@ -26,7 +26,6 @@ from gpt2kids.sampling import (
     apply_top_p,
     fit_prompt,
     generate,
-    optimize_for_decoding,
     seen_tokens,
 )
 
@@ -250,19 +249,3 @@ def test_empty_prompt_starts_from_eos():
     model = tiny_model()
     settings = SamplingSettings(max_new_tokens=8, greedy=True)
     assert generate(model, [[]], settings, EOS) == generate(model, [[EOS]], settings, EOS)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_optimize_for_decoding_keeps_the_tokens(hf_checkpoint, dtype):
-    _, folder = hf_checkpoint(**TINY)
-    model, _ = load_model(folder, dtype=dtype)
-    settings = SamplingSettings(max_new_tokens=20, greedy=True)
-    before = generate(model.eval(), [[3, 4, 5]], settings, EOS)
-    optimize_for_decoding(model)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    for name, weight in model.named_parameters():
-        if weight.dim() == 2 and "wpe" not in name:  # wte is lm_head's weight
-            out_features, in_features = weight.shape
-            column_major = dtype == torch.float32 and out_features >= in_features
-            assert weight.t().is_contiguous() if column_major else weight.is_contiguous(), name
-    assert generate(model, [[3, 4, 5]], settings, EOS) == before
