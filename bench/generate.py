@@ -4,7 +4,9 @@ GPT-2 Small shapes (124M parameters, vocabulary 50257) with random weights, batc
 prompt and exactly 200 new tokens on both sides (no end-of-text stop). Runs alternate between the
 two implementations and the medians are reported, with each side's fraction of the memory-bandwidth
 limit: decoding one token reads every weight once, so parameter bytes x tokens/s cannot exceed the
-bandwidth, which is measured in the same run by summing a 1 GiB tensor.
+read bandwidth. The bandwidth is measured in the same run, before the first and after every pair of
+timed runs (it moves with the load on a shared host), as the fastest of a few whole-tensor reductions
+over 1 GiB; the median of those measurements sets the limit, and their range is printed.
 
     python bench/generate.py [--dtype fp32|bf16|both] [--threads N] [--repeats N]
 """
@@ -31,16 +33,28 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {"greedy": dict(greedy=True), "top-k 50": dict(greedy=False, top_k=50)}
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of a few sums over a tensor far larger than any cache."""
-    data = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    data.sum()  # first touch
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 4 / best
+class Bandwidth:
+    """Memory read bandwidth in bytes/s, measured again whenever `measure` is called."""
+
+    def __init__(self, gib: float = 1.0) -> None:
+        # Far larger than any cache; two views so the reduction with the fastest kernel sets the figure.
+        self.floats = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+        self.integers = self.floats.view(torch.int64)
+        self.samples: list[float] = []
+
+    def measure(self, repeats: int = 3) -> float:
+        best = float("inf")
+        for reduce in (self.floats.sum, self.integers.sum):
+            reduce()  # first touch, warm
+            for _ in range(repeats):
+                start = time.perf_counter()
+                reduce()
+                best = min(best, time.perf_counter() - start)
+        self.samples.append(self.floats.numel() * 4 / best)
+        return self.samples[-1]
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
 
 def timed(run: Callable[[], int]) -> float:
@@ -50,7 +64,7 @@ def timed(run: Callable[[], int]) -> float:
 
 
 def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, args: argparse.Namespace,
-                bandwidth: float) -> list[tuple[str, str, float, float, float]]:
+                bandwidth: Bandwidth) -> list[tuple[str, str, float, float, int]]:
     from transformers import GPT2LMHeadModel
 
     dtype = DTYPES[dtype_name]
@@ -58,7 +72,7 @@ def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, ar
     # No end-of-text stop on either side: both produce exactly --new-tokens.
     reference.generation_config.eos_token_id = None
     ours, _ = load_model(folder, "cpu", dtype)
-    limit = bandwidth / (ours.num_parameters() * torch.finfo(dtype).bits // 8)
+    weight_bytes = ours.num_parameters() * torch.finfo(dtype).bits // 8  # read once per token
     optimize_for_decoding(ours.eval())  # what generate.py does after loading
     rows = []
     for mode, options in MODES.items():
@@ -85,10 +99,11 @@ def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, ar
         for _ in range(args.repeats):  # alternate, so drifting machine load hits both sides alike
             speeds["gpt2kids"].append(timed(run_ours))
             speeds["transformers"].append(timed(run_reference))
+            bandwidth.measure()
         print(f"{dtype_name} {mode}: " + ", ".join(
             f"{name} {' '.join(f'{v:.1f}' for v in values)}" for name, values in speeds.items()), file=sys.stderr)
         rows.append((dtype_name, mode, statistics.median(speeds["gpt2kids"]),
-                     statistics.median(speeds["transformers"]), limit))
+                     statistics.median(speeds["transformers"]), weight_bytes))
     return rows
 
 
@@ -107,9 +122,9 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    bandwidth = memory_bandwidth()
-    print(f"torch {torch.__version__}, {args.threads} threads, memory read bandwidth {bandwidth / 1e9:.1f} GB/s",
-          file=sys.stderr)
+    bandwidth = Bandwidth()
+    print(f"torch {torch.__version__}, {args.threads} threads, memory read bandwidth {bandwidth.measure() / 1e9:.1f} "
+          "GB/s", file=sys.stderr)
 
     torch.manual_seed(0)
     eos = 50256
@@ -122,12 +137,16 @@ def main() -> None:
         for dtype_name in DTYPES if args.dtype == "both" else [args.dtype]:
             rows += bench_dtype(folder, dtype_name, prompt, eos, args, bandwidth)
 
+    rate = bandwidth.median()
     print(f"\nGPT-2 Small (124M), batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, median of {args.repeats}; memory read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+          f"{args.threads} threads, median of {args.repeats}; memory read bandwidth {rate / 1e9:.1f} GB/s "
+          f"(median of {len(bandwidth.samples)} measurements, {min(bandwidth.samples) / 1e9:.1f}-"
+          f"{max(bandwidth.samples) / 1e9:.1f})\n")
     print("| weights | decoding | gpt2kids tok/s | transformers tok/s | ratio | bandwidth limit tok/s "
           "| gpt2kids % of limit | transformers % of limit |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for dtype_name, mode, ours_speed, hf_speed, limit in rows:
+    for dtype_name, mode, ours_speed, hf_speed, weight_bytes in rows:
+        limit = rate / weight_bytes
         print(f"| {dtype_name} | {mode} | {ours_speed:.1f} | {hf_speed:.1f} | {ours_speed / hf_speed:.2f}x "
               f"| {limit:.0f} | {100 * ours_speed / limit:.0f}% | {100 * hf_speed / limit:.0f}% |")
 

@@ -8,8 +8,11 @@ What was measured on a 2-core CPU (torch 2.13, GPT-2 Small shapes):
   (out, in) weight is slower still for the 50257-wide LM head. `torch.bmm` over a batch of two gives
   each core one half of the output columns, so `HalvesLinear` splits every fp32 Linear that way; the
   decode step went from about 33 to 43 tokens/s.
-- bf16: the kernels are compute-bound and already use both cores; splitting does not help (the LM
-  head even slows down five-fold), so bf16 weights stay row-major `nn.Linear`s.
+- bf16: oneDNN, which PyTorch uses for bf16 matmuls on CPU, is compute-bound on one row (about 14
+  GB/s for the LM head). PyTorch's own one-row bf16 kernel (fp32 accumulation, both cores) streams
+  a row-major weight at about 40 GB/s, but it is only used with oneDNN switched off, and for a few
+  rows or more it is far slower than oneDNN. `OneRowLinear` therefore switches oneDNN off around
+  one-row products only; the decode step went from about 48 to 70 tokens/s.
 
 `optimize_for_decoding` applies this to a loaded model. The values of the weights do not change,
 only their layout, so the tokens come out the same. Afterwards the model can only decode: the
@@ -18,7 +21,11 @@ halved Linears hold their weights as buffers, not as the parameters training and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt2kids.model import GPT2
@@ -78,20 +85,52 @@ class HalvesLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+@contextmanager
+def without_onednn() -> Iterator[None]:
+    """PyTorch's native CPU kernels instead of oneDNN's while the block runs (a process-wide switch)."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+class OneRowLinear(nn.Linear):
+    """An `nn.Linear` (same parameters) whose one-row products on CPU skip oneDNN (see the module docstring)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> OneRowLinear:
+        one_row = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        one_row.weight = linear.weight  # the same Parameter: a tied weight stays tied
+        one_row.bias = linear.bias
+        return one_row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1] or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        with without_onednn():
+            return F.linear(x, self.weight, self.bias)
+
+
 def optimize_for_decoding(model: GPT2) -> GPT2:
     """Lay out the weights for one-token steps (see the module's docstring); for a model that will only decode."""
     weight = model.transformer.wte.weight
+    linears = [(parent, name) for block in model.transformer.h
+               for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                    (block.mlp, "c_proj"))]
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        # Row-major throughout: what bf16 CPU kernels and GPU kernels prefer. Checkpoints loaded from HF
-        # may arrive with transposed (column-major) Conv1D weights, so every one is set explicitly.
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
-                module.weight.data = module.weight.data.contiguous()
+        # Row-major throughout: what the bf16 CPU kernels and GPU kernels read fastest. Checkpoints
+        # loaded from HF may arrive with transposed (column-major) Conv1D weights.
+        for parent, name in [*linears, (model, "lm_head")]:
+            linear = getattr(parent, name)
+            if not linear.weight.is_contiguous():
+                linear.weight.data = linear.weight.data.contiguous()
+            if weight.device.type == "cpu":
+                setattr(parent, name, OneRowLinear.from_linear(linear))
         return model
-    for block in model.transformer.h:
-        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                             (block.mlp, "c_proj")):
-            setattr(parent, name, HalvesLinear.from_linear(getattr(parent, name)))
+    for parent, name in linears:
+        setattr(parent, name, HalvesLinear.from_linear(getattr(parent, name)))
     # The LM head shares its weight with the token embedding: one (n_embd, vocab) column-major copy
     # serves both, the embedding reading one (strided) row per token and the head its two halves.
     columns = weight.data.t().contiguous()
@@ -100,4 +139,4 @@ def optimize_for_decoding(model: GPT2) -> GPT2:
     return model
 
 
-__all__ = ["HalvesLinear", "optimize_for_decoding"]
+__all__ = ["HalvesLinear", "OneRowLinear", "optimize_for_decoding", "without_onednn"]

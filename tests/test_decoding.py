@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gpt2kids.config import GPT2Config
-from gpt2kids.decoding import HalvesLinear, optimize_for_decoding
+from gpt2kids.decoding import HalvesLinear, OneRowLinear, optimize_for_decoding, without_onednn
 from gpt2kids.hf import load_model
 from gpt2kids.model import GPT2
 from gpt2kids.sampling import SamplingSettings, generate
@@ -57,7 +57,7 @@ def test_optimize_for_decoding_keeps_the_tokens(hf_checkpoint, dtype):
         embedding = model.transformer.wte.weight
         assert model.lm_head.halves.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
     else:
-        assert all(isinstance(m, nn.Linear) and m.weight.is_contiguous() for m in linears)
+        assert all(isinstance(m, OneRowLinear) and m.weight.is_contiguous() for m in [*linears, model.lm_head])
         assert model.lm_head.weight is model.transformer.wte.weight
     assert generate(model, prompts, settings, EOS) == before
 
@@ -71,3 +71,24 @@ def test_optimized_logits_equal_the_plain_model():
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(optimized(ids), plain(ids))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_one_row_linear_shares_the_parameters_and_computes_the_linear(rows):
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 96).to(torch.bfloat16)
+    one_row = OneRowLinear.from_linear(linear)
+    assert one_row.weight is linear.weight and one_row.bias is linear.bias
+    x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = (x.float() @ linear.weight.float().t() + linear.bias.float())
+        torch.testing.assert_close(one_row(x).float(), expected, rtol=0.02, atol=0.02)
+    assert torch.backends.mkldnn.enabled  # switched back on afterwards
+
+
+def test_without_onednn_restores_the_switch_after_an_error():
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), without_onednn():
+        assert not torch.backends.mkldnn.enabled
+        raise RuntimeError("boom")
+    assert torch.backends.mkldnn.enabled
