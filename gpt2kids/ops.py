@@ -110,14 +110,15 @@ class CausalDropoutAttention(torch.autograd.Function):
     masked-out half too; with GPT-2's dropout of 0.1, attention took 3.5x (T = 512) to 6x (T = 1024)
     as long as without. Here each block of queries meets only the keys at or before it and keeps
     only its dropout mask (one byte per causal entry) and log-normaliser; the backward recomputes
-    the probabilities from those. Softmax arithmetic is in fp32 and matmuls in the inputs' dtype,
-    as in the flash kernels.
+    the probabilities from those. As in the flash kernels, the scores and the softmax are fp32 (a bf16
+    QKᵀ rounded to bf16 gave ~4x the flash kernel's error) and the other matmuls run in the inputs' dtype.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         # Contiguous once: slices of the permuted c_attn output would be copied again for every block.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q_scores, k_scores = q.float(), k.float()  # no copies in fp32; transient ones in bf16
         batch, heads, length, head_dim = q.shape
         scale = head_dim ** -0.5
         # Laid out (B, T, H, D) like SDPA's output, so the caller's transpose back to (B, T, C) is a view.
@@ -127,7 +128,7 @@ class CausalDropoutAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, length, ATTENTION_BLOCK):
                 end = min(start + ATTENTION_BLOCK, length)
-                scores = _block_scores(q, k, start, end, scale)
+                scores = _block_scores(q_scores, k_scores, start, end, scale)
                 block_normaliser = torch.logsumexp(scores, dim=-1)
                 probs = scores.sub_(block_normaliser[..., None]).exp_()
                 # From the global generator, so checkpointed RNG states replay it exactly; uniform draws
@@ -149,17 +150,20 @@ class CausalDropoutAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        # The matmuls that feed the softmax and its gradient in fp32, as in the forward.
+        q_scores, k_scores, v_scores, grad_out_scores = q.float(), k.float(), v.float(), grad_out.float()
         # Softmax backward needs rowsum(probs * d probs), which with dropout still equals rowsum(grad_out * out).
-        delta = (grad_out.float() * out.float()).sum(dim=-1)
+        delta = (grad_out_scores * out.float()).sum(dim=-1)
         with torch.autocast(q.device.type, enabled=False):
             for index, start in enumerate(range(0, length, ATTENTION_BLOCK)):
                 end = min(start + ATTENTION_BLOCK, length)
                 drop, grad_block = drops[index], grad_out[:, :, start:end]
-                probs = _block_scores(q, k, start, end, scale).sub_(log_normaliser[:, :, start:end, None]).exp_()
+                scores = _block_scores(q_scores, k_scores, start, end, scale)
+                probs = scores.sub_(log_normaliser[:, :, start:end, None]).exp_()
                 kept = probs.masked_fill(drop, 0.0).mul_(rescale)
                 grad_v[:, :, :end] += kept.to(v.dtype).transpose(-2, -1) @ grad_block
                 del kept
-                grad_probs = (grad_block @ v[:, :, :end].transpose(-2, -1)).float()
+                grad_probs = grad_out_scores[:, :, start:end] @ v_scores[:, :, :end].transpose(-2, -1)
                 grad_probs.masked_fill_(drop, 0.0).mul_(rescale).sub_(delta[:, :, start:end, None])
                 grad_scores = probs.mul_(grad_probs).mul_(scale).to(q.dtype)
                 del grad_probs
@@ -169,8 +173,8 @@ class CausalDropoutAttention(torch.autograd.Function):
 
 
 def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, scale: float) -> torch.Tensor:
-    """fp32 scaled scores of queries start:end against keys 0:end, -inf where a key lies in the future."""
-    scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)).float().mul_(scale)
+    """Scaled scores (fp32 q, k) of queries start:end against keys 0:end, -inf where a key lies in the future."""
+    scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)).mul_(scale)
     # Only the square of keys start:end can lie in the future of these queries.
     future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
     scores[..., start:end].masked_fill_(future, float("-inf"))
