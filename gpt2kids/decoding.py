@@ -6,17 +6,20 @@ What was measured on a 2-core CPU (torch 2.13, GPT-2 Small shapes):
 
 - fp32: a one-row matmul runs on one core and draws about half the memory bandwidth; a row-major
   (out, in) weight is slower still for the 50257-wide LM head. `torch.bmm` over a batch of two gives
-  each core one half of the output columns, so `HalvesLinear` splits every fp32 Linear that way; the
-  decode step went from about 33 to 43 tokens/s.
+  each core one half of the output columns, so `HalvesLinear` splits every fp32 Linear that way
+  (bench/generate.py, greedy: 34.5 tokens/s before, 39-40 after).
 - bf16: oneDNN, which PyTorch uses for bf16 matmuls on CPU, is compute-bound on one row (about 14
   GB/s for the LM head). PyTorch's own one-row bf16 kernel (fp32 accumulation, both cores) streams
   a row-major weight at about 40 GB/s, but it is only used with oneDNN switched off, and for a few
   rows or more it is far slower than oneDNN. `OneRowLinear` therefore switches oneDNN off around
-  one-row products only; the decode step went from about 48 to 70 tokens/s.
+  one-row products only (greedy: 47 tokens/s before, 87 after).
 
 `optimize_for_decoding` applies this to a loaded model. The values of the weights do not change,
-only their layout, so the tokens come out the same. Afterwards the model can only decode: the
-halved Linears hold their weights as buffers, not as the parameters training and export expect.
+only their layout and the kernels that read them; both kinds of kernel accumulate in fp32, but in
+another order, so the logits move in the last bits and a near-tie between two tokens can fall the
+other way (random GPT-2 Small weights in bf16: the first 183 of 200 greedy tokens agreed).
+Afterwards the model can only decode: the halved Linears hold their weights as buffers, not as the
+parameters training and export expect.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ class OneRowLinear(nn.Linear):
         return one_row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.shape[-1] or x.device.type != "cpu":
+        one_row = x.numel() == x.shape[-1]
+        if not one_row or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         with without_onednn():
             return F.linear(x, self.weight, self.bias)
