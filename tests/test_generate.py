@@ -76,6 +76,27 @@ def test_greedy_and_empty_prompt(model_folder):
     assert jsonl(run(*args)) == records
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_greedy_cli_gives_the_tokens_of_transformers(model_folder, precision):
+    """The whole CLI path, the decode-time weight layouts included, against transformers' generate."""
+    from transformers import GPT2LMHeadModel
+
+    prompt = "Pada suatu hari"
+    [record] = jsonl(run(prompt, "--model", str(model_folder), "--greedy", "--format", "jsonl",
+                         "--max-new-tokens", "20", "--precision", precision))
+    tokenizer = Tokenizer.from_path(model_folder)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    reference = GPT2LMHeadModel.from_pretrained(model_folder, dtype=dtype).eval()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.inference_mode():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                 pad_token_id=tokenizer.eos_id)
+    new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.eos_id]
+    assert len(new) >= 10  # a real continuation, not an early end-of-text
+    assert record["completion"] == tokenizer.decode(new)
+    assert record["new_tokens"] == len(new)
+
+
 def test_long_prompt_keeps_its_end_with_a_warning(model_folder):
     result = run("kancil dan buaya " * 40, "--model", str(model_folder), "--max-new-tokens", "10",
                  "--format", "jsonl")
