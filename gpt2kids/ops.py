@@ -107,8 +107,9 @@ class CausalDropoutAttention(torch.autograd.Function):
     SDPA's CPU flash kernel has no dropout, so with dropout_p > 0 PyTorch falls back to its math
     path: it materialises the (B, H, T, T) scores, probabilities and dropout mask, keeps them for the
     backward (a training step of GPT-2 Small at 4 x 512 tokens peaked 1.7 GB higher) and computes the
-    masked-out half too; with GPT-2's dropout of 0.1, attention took 3.5x (T = 512) to 6x (T = 1024)
-    as long as without. Here each block of queries meets only the keys at or before it and keeps
+    masked-out half too. With GPT-2's dropout of 0.1, forward and backward of (4, 12, T, 64) bf16
+    attention took 3.8x (T = 512) and 5.8x (T = 1024) as long as without dropout; this function takes
+    1.3x and 2.4x. Here each block of queries meets only the keys at or before it and keeps
     only its dropout mask (one byte per causal entry) and log-normaliser; the backward recomputes
     the probabilities from those. As in the flash kernels, the scores and the softmax are fp32 (a bf16
     QKᵀ rounded to bf16 gave ~4x the flash kernel's error) and the other matmuls run in the inputs' dtype.
