@@ -115,6 +115,22 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, init_folder, corpus):
     assert progress.history[-1]["eval_loss"] < progress.history[0]["eval_loss"]
 
 
+def test_compiled_training_matches_eager_and_saves_clean_names(tmp_path, init_folder, corpus):
+    """--compile (torch.compile, inductor on CPU) trains the same model; checkpoints carry no compiler prefixes."""
+    settings = dict(max_steps=3, dropout=0.0, eval_every=3)
+    eager = train(config_for(init_folder, corpus, tmp_path / "eager", **settings))
+    compiled = train(config_for(init_folder, corpus, tmp_path / "compiled", compile=True, **settings))
+    assert eager.step == compiled.step == 3
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    initial = load_file(init_folder / "model.safetensors")["transformer.wte.weight"]
+    assert not torch.equal(a["transformer.wte.weight"], initial)  # it did train
+    resumed = train(config_for(init_folder, corpus, tmp_path / "compiled", resume=True, compile=True, max_steps=4))
+    assert resumed.step == 4
+
+
 def test_fp16_with_grad_scaler_skips_non_finite_steps_and_trains(tmp_path, init_folder, corpus):
     config = config_for(init_folder, corpus, tmp_path / "run", precision="fp16", max_steps=4)
     progress = train(config)
