@@ -8,7 +8,7 @@ read bandwidth. The bandwidth is measured in the same run, before the first and 
 timed runs (it moves with the load on a shared host), as the fastest of a few whole-tensor reductions
 over 1 GiB; the median of those measurements sets the limit, and their range is printed.
 
-    python bench/generate.py [--dtype fp32|bf16|both] [--threads N] [--repeats N]
+    python bench/generate.py [--dtype fp32|bf16|both] [--threads N] [--repeats N] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchutil import machine, synchronize
+
 from gpt2kids.decoding import optimize_for_decoding
+from gpt2kids.device import resolve_device
 from gpt2kids.hf import load_model
 from gpt2kids.sampling import SamplingSettings, generate
 
@@ -36,9 +39,10 @@ MODES = {"greedy": dict(greedy=True), "top-k 50": dict(greedy=False, top_k=50)}
 class Bandwidth:
     """Memory read bandwidth in bytes/s, measured again whenever `measure` is called."""
 
-    def __init__(self, gib: float = 1.0) -> None:
+    def __init__(self, device: torch.device, gib: float = 1.0) -> None:
         # Far larger than any cache; two views so the reduction with the fastest kernel sets the figure.
-        self.floats = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+        self.device = device
+        self.floats = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32, device=device)
         self.integers = self.floats.view(torch.int64)
         self.samples: list[float] = []
 
@@ -47,8 +51,10 @@ class Bandwidth:
         for reduce in (self.floats.sum, self.integers.sum):
             reduce()  # first touch, warm
             for _ in range(repeats):
+                synchronize(self.device)
                 start = time.perf_counter()
                 reduce()
+                synchronize(self.device)
                 best = min(best, time.perf_counter() - start)
         self.samples.append(self.floats.numel() * 4 / best)
         return self.samples[-1]
@@ -57,9 +63,11 @@ class Bandwidth:
         return statistics.median(self.samples)
 
 
-def timed(run: Callable[[], int]) -> float:
+def timed(run: Callable[[], int], device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     produced = run()
+    synchronize(device)
     return produced / (time.perf_counter() - start)
 
 
@@ -68,10 +76,12 @@ def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, ar
     from transformers import GPT2LMHeadModel
 
     dtype = DTYPES[dtype_name]
-    reference = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval()
+    device = bandwidth.device
+    reference = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+    prompt = prompt.to(device)
     # No end-of-text stop on either side: both produce exactly --new-tokens.
     reference.generation_config.eos_token_id = None
-    ours, _ = load_model(folder, "cpu", dtype)
+    ours, _ = load_model(folder, device, dtype)
     weight_bytes = ours.num_parameters() * torch.finfo(dtype).bits // 8  # read once per token
     optimize_for_decoding(ours.eval())  # what generate.py does after loading
     rows = []
@@ -97,8 +107,8 @@ def bench_dtype(folder: str, dtype_name: str, prompt: torch.Tensor, eos: int, ar
         run_reference()
         speeds: dict[str, list[float]] = {"gpt2kids": [], "transformers": []}
         for _ in range(args.repeats):  # alternate, so drifting machine load hits both sides alike
-            speeds["gpt2kids"].append(timed(run_ours))
-            speeds["transformers"].append(timed(run_reference))
+            speeds["gpt2kids"].append(timed(run_ours, device))
+            speeds["transformers"].append(timed(run_reference, device))
             bandwidth.measure()
         print(f"{dtype_name} {mode}: " + ", ".join(
             f"{name} {' '.join(f'{v:.1f}' for v in values)}" for name, values in speeds.items()), file=sys.stderr)
@@ -114,7 +124,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-tokens", type=int, default=20)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -122,9 +134,8 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    bandwidth = Bandwidth()
-    print(f"torch {torch.__version__}, {args.threads} threads, memory read bandwidth {bandwidth.measure() / 1e9:.1f} "
-          "GB/s", file=sys.stderr)
+    bandwidth = Bandwidth(device)
+    print(f"{machine(device)}; memory read bandwidth {bandwidth.measure() / 1e9:.1f} GB/s", file=sys.stderr)
 
     torch.manual_seed(0)
     eos = 50256
@@ -138,8 +149,8 @@ def main() -> None:
             rows += bench_dtype(folder, dtype_name, prompt, eos, args, bandwidth)
 
     rate = bandwidth.median()
-    print(f"\nGPT-2 Small (124M), batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, median of {args.repeats}; memory read bandwidth {rate / 1e9:.1f} GB/s "
+    print(f"\n{machine(device)}\nGPT-2 Small (124M), batch 1, {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}; memory read bandwidth {rate / 1e9:.1f} GB/s "
           f"(median of {len(bandwidth.samples)} measurements, {min(bandwidth.samples) / 1e9:.1f}-"
           f"{max(bandwidth.samples) / 1e9:.1f})\n")
     print("| weights | decoding | gpt2kids tok/s | transformers tok/s | ratio | bandwidth limit tok/s "
