@@ -1,10 +1,13 @@
-"""Shared set-up of the training benchmarks: a random-init HF folder, the machine, the FLOP model.
+"""Shared set-up of the benchmarks: a random-init HF folder, the machine, the FLOP model, contention.
 
-Imported by bench/train_step.py and bench/train_epoch.py (the script's folder is on sys.path).
+Imported by bench/train_step.py, bench/train_epoch.py and bench/generate.py (the script's folder is
+on sys.path).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -111,3 +114,29 @@ def machine(device: torch.device) -> str:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / (1 << 30):.2f} GiB"
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (all processes, and steal), or None off Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def foreign_share(busy_before: float | None, busy_after: float | None, own_cpu_seconds: float,
+                  wall_seconds: float) -> float | None:
+    """The fraction of the machine's CPUs that work other than the measured one used over `wall_seconds`."""
+    if busy_before is None or busy_after is None:
+        return None
+    return max(0.0, busy_after - busy_before - own_cpu_seconds) / (wall_seconds * (os.cpu_count() or 1))
+
+
+def report(results: dict, json_path: Path | None, table: str) -> None:
+    """Print the results' table; with --json, also write the results there."""
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(table)

@@ -19,12 +19,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchutil import machine, synchronize
 
 from gpt2kids.decoding import optimize_for_decoding

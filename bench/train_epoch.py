@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import ROOT, SEED, gib, machine, make_model_folder
+from benchutil import ROOT, SEED, foreign_share, gib, machine, machine_busy_seconds, make_model_folder, report
 
 from gpt2kids import data
 from gpt2kids.device import resolve_device
@@ -107,32 +107,21 @@ def hf_child(args: argparse.Namespace) -> None:
 
 # --- the parent ----------------------------------------------------------------------------------
 
-def busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy (all processes, and steal), or None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_child(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
     """Run a process to exit; its wall time, peak RSS, CPU time, and the CPU other work took meanwhile."""
-    busy_before, start = busy_seconds(), time.perf_counter()
+    busy_before, start = machine_busy_seconds(), time.perf_counter()
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
         # wait4 gives this child's own resource usage, peak RSS included.
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    busy_after = busy_seconds()
+    busy_after = machine_busy_seconds()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])} ... failed (exit status {process.returncode}):\n"
                          f"{log.with_suffix('.err').read_text()[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
-    foreign = None
-    if busy_before is not None and busy_after is not None:
-        foreign = max(0.0, busy_after - busy_before - cpu) / (wall * (os.cpu_count() or 1))
+    foreign = foreign_share(busy_before, busy_after, cpu, wall)
     return {"wall_s": wall, "peak_bytes": usage.ru_maxrss * 1024, "cpu_s": cpu, "foreign": foreign,
             "stdout": log.with_suffix(".out").read_text(), "stderr": log.with_suffix(".err").read_text()}
 
@@ -223,9 +212,7 @@ def main() -> None:
     if min(args.batch, args.block, args.repeats) < 1 or not 0 <= args.eval_split < 1:
         raise SystemExit("--batch, --block and --repeats must be positive, --eval-split in [0, 1)")
     results = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    report(results, args.json, table(results))
 
 
 if __name__ == "__main__":

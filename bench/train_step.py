@@ -45,7 +45,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from benchutil import ROOT, SEED, FlopModel, gib, machine, make_model_folder, matmul_peak, synchronize
+from benchutil import (
+    ROOT,
+    SEED,
+    FlopModel,
+    foreign_share,
+    gib,
+    machine,
+    machine_busy_seconds,
+    make_model_folder,
+    matmul_peak,
+    report,
+    synchronize,
+)
 
 from gpt2kids import data
 from gpt2kids.config import GPT2Config
@@ -188,17 +200,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy (all processes, and steal), or None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
-    busy = sum(fields[:3]) + sum(fields[5:8])
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
 def answer(stream: IO[str], message: dict[str, Any]) -> None:
     stream.write(json.dumps(message) + "\n")
     stream.flush()
@@ -241,10 +242,7 @@ def step_and_watch(w: Worker) -> tuple[dict[str, Any], float | None]:
     busy_before, start = machine_busy_seconds(), time.perf_counter()
     result = w.request("step")
     busy_after, wall = machine_busy_seconds(), time.perf_counter() - start
-    if busy_before is None or busy_after is None:
-        return result, None
-    foreign = max(0.0, busy_after - busy_before - result["cpu_seconds"])
-    return result, foreign / (wall * (os.cpu_count() or 1))
+    return result, foreign_share(busy_before, busy_after, result["cpu_seconds"], wall)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -363,9 +361,7 @@ def main() -> None:
     if min(args.batch, args.block, args.steps) < 1 or args.warmup < 0:
         raise SystemExit("--batch, --block and --steps must be positive, --warmup >= 0")
     results = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    report(results, args.json, table(results))
 
 
 if __name__ == "__main__":
