@@ -1,9 +1,120 @@
-"""Continue prompts with a GPT-2 model: `python generate.py PROMPT [PROMPT ...] [flags]` (see --help)."""
+"""Continue prompts with a GPT-2 model: the command line. It parses flags and calls gpt2kids."""
+
+from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Sequence
 
-from gpt2kids.errors import run_cli
-from gpt2kids.generation import main
+from gpt2kids.cli import ArgumentParser, run_cli
+from gpt2kids.device import PRECISIONS
+from gpt2kids.errors import UserError
+from gpt2kids.logits_processors import SamplingSettings
+from gpt2kids.text_generation import HUB_DEFAULT, StoryGenerator, choose_model, read_prompts_file
+from gpt2kids.text_output import TextStream, write_jsonl
+
+EXAMPLES = """examples:
+  python generate.py "Archie sedang mengendarai roket ke planet Mars."
+  python generate.py "Pada suatu hari, Kancil" --max-new-tokens 80 --top-k 50 --seed 1
+  python generate.py "" "Budi suka" --num-return-sequences 2 --format jsonl
+  python generate.py --prompts-file prompts.txt --format jsonl > stories.jsonl
+  python generate.py --interactive --model runs/my-run
+  python generate.py -- "-Halo, kata si Kancil."       (a prompt that starts with a dash)
+"""
+PROMPTS_PER_BATCH = 16  # prompts decoded together from --prompts-file: one forward serves them all
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python generate.py", description="Continue prompts with a GPT-2 model. Only "
+                            "generated text goes to stdout; the model used, warnings and timings go to stderr.",
+                            epilog=EXAMPLES)
+    add = parser.add_argument
+    add("prompts", nargs="*", metavar="PROMPT", help='text to continue ("" starts a new story)')
+    add("--model", metavar="SPEC", default=None,
+        help=f"run folder, export folder, HF GPT-2 folder or hub id (default: the newest export under runs/, "
+             f"else {HUB_DEFAULT})")
+    add("--max-new-tokens", type=int, default=100, metavar="N")
+    add("--temperature", type=float, default=1.0, metavar="X")
+    add("--top-k", type=int, default=50, metavar="N", help="0 turns it off")
+    add("--top-p", type=float, default=1.0, metavar="X", help="1 turns it off")
+    add("--repetition-penalty", type=float, default=1.0, metavar="X", help="1 turns it off")
+    add("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="0 turns it off")
+    add("--num-return-sequences", type=int, default=1, metavar="N")
+    add("--greedy", action="store_true", help="argmax decoding")
+    add("--seed", type=int, default=None, metavar="N", help="same seed, same text")
+    add("--format", choices=("text", "jsonl"), default="text",
+        help="text streams each sequence; jsonl prints {prompt, completion, text, new_tokens} per sequence")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add("--precision", default="auto", choices=PRECISIONS,
+        help="the weights' dtype; auto picks the one that decodes fastest here, by measurement")
+    add("--prompts-file", metavar="PATH", help='prompts, one per line, or a .jsonl with a "prompt" field; '
+                                               '- reads standard input; adds to any PROMPT arguments')
+    add("--interactive", action="store_true", help="a prompt loop; an empty line or Ctrl-D ends it")
+    return parser
+
+
+def settings_from(args) -> SamplingSettings:
+    return SamplingSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        greedy=args.greedy, num_return_sequences=args.num_return_sequences)
+
+
+def write_stories(generator: StoryGenerator, prompts: Sequence[str], settings: SamplingSettings,
+                  output_format: str, seed: int | None) -> int:
+    """Generate for `prompts` (in batches) and print; returns the number of new tokens."""
+    produced = 0
+    for start in range(0, len(prompts), PROMPTS_PER_BATCH):
+        batch = prompts[start:start + PROMPTS_PER_BATCH]
+        rows = [prompt for prompt in batch for _ in range(settings.num_return_sequences)]
+        if output_format == "text":
+            if start > 0:
+                sys.stdout.write("\n")
+            stream = TextStream(generator.tokenizer, rows, sys.stdout)
+            completions = generator.generate(batch, settings, seed, stream)
+            stream.finish()
+        else:
+            completions = generator.generate(batch, settings, seed)
+            write_jsonl(generator.tokenizer, rows, completions, sys.stdout)
+        produced += sum(len(ids) for ids in completions)
+    return produced
+
+
+def interact(generator: StoryGenerator, settings: SamplingSettings, output_format: str, seed: int | None) -> None:
+    print("type a prompt and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        write_stories(generator, [line.rstrip("\n")], settings, output_format, seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    settings.validate()
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    if not prompts and not args.interactive:
+        raise UserError("no prompt given; pass PROMPT, --prompts-file or --interactive (see python generate.py --help)")
+
+    spec, why = choose_model(args.model)
+    generator = StoryGenerator.load(spec, args.device, args.precision)
+    print(f"model: {generator.description}: {why}", file=sys.stderr)
+    if settings.max_new_tokens >= generator.model.config.n_positions:
+        print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
+              f"{generator.model.config.n_positions}; generation stops when the context is full", file=sys.stderr)
+    if args.interactive:
+        interact(generator, settings, args.format, args.seed)
+        return 0
+    start = time.perf_counter()
+    produced = write_stories(generator, prompts, settings, args.format, args.seed)  # Ctrl-C: see run_cli
+    elapsed = time.perf_counter() - start
+    print(f"{produced} new tokens in {elapsed:.2f} s ({produced / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
 
 if __name__ == "__main__":
     run_cli(lambda: main(sys.argv[1:]))

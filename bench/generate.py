@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from benchutil import machine, synchronize
 
-from gpt2kids.decoding import optimize_for_decoding
+from gpt2kids.decoding_kernels import optimize_for_decoding
 from gpt2kids.device import resolve_device
 from gpt2kids.hf import load_model
-from gpt2kids.sampling import SamplingSettings, generate
+from gpt2kids.logits_processors import SamplingSettings, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {"greedy": dict(greedy=True), "top-k 50": dict(greedy=False, top_k=50)}

@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2kids.atomic_files import describe_os_error, replace_folder
 from gpt2kids.errors import UserError
-from gpt2kids.io import describe_os_error, replace_folder
 from gpt2kids.model import GPT2
 
 CHECKPOINT = "checkpoint"
@@ -72,7 +72,7 @@ def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
     """Write `run_dir/checkpoint/` atomically; `state` must hold a `progress` dict."""
 
     def fill(folder: Path) -> None:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.untied_state_dict().items()}
         save_file(weights, folder / "model.safetensors")
         torch.save(state, folder / "state.pt")
         (folder / "progress.json").write_text(json.dumps(state["progress"], indent=2) + "\n")

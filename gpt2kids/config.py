@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from gpt2kids.errors import UserError
 
-# Activations HF's GPT-2 accepts that we implement. The three tanh names are the same function.
-TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-ACTIVATIONS = (*TANH_GELU_NAMES, "gelu", "relu", "silu", "swish")
+# The activations of HF's GPT-2 that we implement, by their config names; the three tanh names
+# (GPT-2's own is gelu_new) are the same function.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_fast": lambda: nn.GELU(approximate="tanh"),
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
 
 # Bounds that refuse absurd configs before any memory is allocated (a config.json is untrusted input).
 MAX_LAYERS = 256
@@ -99,15 +110,16 @@ class GPT2Config:
         if model_type != "gpt2":
             raise UserError(f"config.json has model_type {model_type!r}; gpt2kids loads GPT-2 models only "
                             "(model_type 'gpt2')")
-        # Options of HF's GPT-2 that change the maths; refuse rather than silently compute otherwise.
-        unsupported = {
+        # Options of HF's GPT-2 that change the maths: only these values are implemented; refuse others
+        # rather than silently compute something else.
+        required_values = {
             "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
             "add_cross_attention": False,
             "tie_word_embeddings": True,
         }
-        for key, supported in unsupported.items():
+        for key, supported in required_values.items():
             if key in hf and hf[key] != supported:
                 raise UserError(f"config.json sets {key}={hf[key]!r}; gpt2kids supports only {supported!r}")
         known = {f.name for f in fields(cls)}

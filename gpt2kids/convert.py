@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2kids.errors import UserError, run_cli
+from gpt2kids.cli import run_cli
+from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model, load_tokenizer
 from gpt2kids.tokenizer import tokenizer_files_in
 

@@ -22,14 +22,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2kids.atomic_files import atomic_path
 from gpt2kids.errors import UserError
-from gpt2kids.io import atomic_path
 from gpt2kids.model import IGNORE_INDEX
 from gpt2kids.tokenizer import Tokenizer
 
 BUNDLED_STORIES = Path(__file__).resolve().parent / "stories"
 BLANK_LINES = re.compile(r"\n\s*\n")
 MIN_STORIES = 2  # one to train on and one to hold out
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def warn(message: str) -> None:
@@ -80,7 +84,14 @@ def read_stories(path: str | Path) -> list[str]:
     or a .jsonl with a `text` field. Whitespace is trimmed and empty stories dropped."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # Stories are the .txt files; hidden folders (.git, ...) and other files (a README.md) are not.
+        candidates = [p for p in sorted(path.rglob("*"))
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        files = [p for p in candidates if p.suffix == ".txt"]
+        if len(files) < len(candidates):
+            others = [str(p.relative_to(path)) for p in candidates if p.suffix != ".txt"]
+            warn(f"read only the .txt files in {path}; skipped {len(others)} other file(s): {', '.join(others[:5])}"
+                 + (" ..." if len(others) > 5 else ""))
         stories, skipped = [], []
         for file in files:
             text = _decode(file.read_bytes())
@@ -177,7 +188,7 @@ class Blocks:
 
 
 def pack_blocks(stream: torch.Tensor, block_size: int, pad_id: int) -> Blocks:
-    blocks = -(-len(stream) // block_size)
+    blocks = ceil_div(len(stream), block_size)
     padded = torch.full((blocks * block_size,), pad_id, dtype=torch.long)
     padded[: len(stream)] = stream
     inputs = padded.view(blocks, block_size)
@@ -249,11 +260,11 @@ class StepPlan:
 
     @property
     def micro_batches_per_epoch(self) -> int:
-        return -(-self.num_blocks // self.blocks_per_micro_batch)
+        return ceil_div(self.num_blocks, self.blocks_per_micro_batch)
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-self.micro_batches_per_epoch // self.grad_accum)
+        return ceil_div(self.micro_batches_per_epoch, self.grad_accum)
 
     def step_blocks(self, order: torch.Tensor, step_in_epoch: int) -> list[torch.Tensor]:
         """The global block indices of each micro-batch of one optimizer step."""

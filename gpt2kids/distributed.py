@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt2kids.errors import UserError
+
 
 @dataclass
 class Distributed:
@@ -40,8 +42,14 @@ class Distributed:
         return cls(rank, local_rank, world_size)
 
     def device_name(self, requested: str) -> str:
-        """Each rank drives its own GPU."""
-        if self.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
+        """Each process drives its own GPU: the one numbered by its LOCAL_RANK."""
+        if not self.enabled:
+            return requested
+        if requested.startswith("cuda:"):
+            raise UserError(f"--device {requested} under torchrun would put every process on the same GPU; pass "
+                            "--device cuda (each process takes GPU LOCAL_RANK) and choose the GPUs with "
+                            "CUDA_VISIBLE_DEVICES")
+        if requested in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return requested
 

@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2kids.atomic_files import atomic_write_text, replace_folder
 from gpt2kids.config import GPT2Config
 from gpt2kids.errors import UserError
-from gpt2kids.io import atomic_write_text, replace_folder
-from gpt2kids.model import GPT2
+from gpt2kids.model import GPT2, TIED_WEIGHT
 from gpt2kids.tokenizer import Tokenizer, tokenizer_files_in
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -147,7 +147,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
     """HF GPT-2 keys and layout -> gpt2kids state dict (checked against `config`)."""
     ours: dict[str, torch.Tensor] = {}
     for key, tensor in hf_state.items():
-        if key.endswith(STALE_BUFFERS) or key == "lm_head.weight":
+        if key.endswith(STALE_BUFFERS) or key == TIED_WEIGHT:
             continue  # causal-mask buffers of old saves; lm_head is tied to wte
         if not key.startswith("transformer."):
             key = "transformer." + key  # the original OpenAI upload has no prefix
@@ -174,15 +174,13 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
 def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT2(config)
-    return {key: tuple(value.shape) for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    return {key: tuple(value.shape) for key, value in model.untied_state_dict().items()}
 
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     """gpt2kids state dict -> HF keys and layout, without the tied `lm_head.weight`."""
     state = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue
+    for key, tensor in model.untied_state_dict().items():
         tensor = tensor.detach()
         if key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
@@ -192,17 +190,21 @@ def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
 
 # --- loading a model ------------------------------------------------------------------------------
 
-def load_model(spec: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[GPT2, Path]:
-    """Build a GPT2 from any checkpoint `resolve` understands; returns the model and its folder."""
+def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               dropout: float | None = None) -> tuple[GPT2, Path]:
+    """Build a GPT2 from any checkpoint `resolve` understands; returns the model and its folder.
+
+    `dropout`, when given, replaces the checkpoint's dropout rates.
+    """
     folder = resolve(spec)
     config = GPT2Config.from_json_file(folder / "config.json")
+    if dropout is not None:
+        config = config.with_dropout(dropout)
     state = from_hf_state_dict(read_weights(folder), config)
     with torch.device("meta"):
         model = GPT2(config)
     # assign=True adopts the loaded tensors instead of copying into freshly initialised ones.
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assignment
+    model.load_untied_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.to(device), folder
 
 
@@ -215,9 +217,9 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 # --- writing an HF folder -------------------------------------------------------------------------
 
-def generation_config(config: GPT2Config, **settings: object) -> dict[str, object]:
+def generation_config(config: GPT2Config) -> dict[str, object]:
     return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": config.eos_token_id, "do_sample": True, "max_new_tokens": 100, **settings}
+            "pad_token_id": config.eos_token_id, "do_sample": True, "max_new_tokens": 100}
 
 
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,

@@ -1,17 +1,20 @@
-"""Cross-entropy of the language-model head without materialising the full logits.
+"""Cross-entropy of the language-model head without materialising the full logits, and perplexity.
 
-For GPT-2's 50k vocabulary the logits dominate training memory: 8 x 512 tokens x 50257 in fp32 is
-800 MB, and a plain `F.cross_entropy(lm_head(h))` keeps the logits, their fp32 copy and the
-softmax for the backward. Here the head and the loss run over chunks of tokens; the gradients with
+For GPT-2's 50k vocabulary the logits dominate training memory, and a plain
+`F.cross_entropy(lm_head(h))` keeps the logits, their fp32 copy and the softmax for the backward.
+Here the head and the loss run over chunks of tokens; the gradients with
 respect to the hidden states and the head weight are computed in the same pass, chunk by chunk,
 so only one chunk of logits ever exists. The backward only scales the stored gradients.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-IGNORE_INDEX = -100
+from gpt2kids.model import IGNORE_INDEX
+
 # Elements of fp32 logits per chunk (2**25 is 128 MB): big enough for efficient matmuls.
 CHUNK_ELEMENTS = 1 << 25
 # Rows of the head's weight gradient accumulated at a time (see the end of the chunk loop).
@@ -44,10 +47,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows, vocab = h.shape[0], w.shape[0]
         logsumexp_rows = max(1, LOGSUMEXP_ELEMENTS // vocab)
         # Equal chunks: 2048 tokens at <= 667 per chunk are 4 x 512, not 3 x 667 + a thin 47-row matmul.
-        chunk_tokens = max(1, -(-rows // max(1, -(-rows // chunk_tokens))))
-        # One set of chunk buffers, reused by every chunk. Fresh chunk-sized tensors would each be
-        # page-faulted in anew (glibc returns blocks this big to the OS when they are freed), which
-        # on a 2-core CPU cost more than the loss's softmax arithmetic.
+        chunk_tokens = max(1, math.ceil(rows / max(1, math.ceil(rows / chunk_tokens))))
+        # One set of chunk buffers, reused by every chunk: fresh chunk-sized tensors would each be
+        # page-faulted in anew (glibc returns blocks this big to the OS when they are freed).
         scores = torch.empty(min(chunk_tokens, rows), vocab, dtype=dtype, device=h.device)  # matmul outputs
         fp32_compute = dtype == torch.float32
         logits_buffer = scores if fp32_compute else torch.empty(scores.shape, dtype=torch.float32, device=h.device)
@@ -82,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 # grad_w += grad_logits.T @ h_chunk, a block of rows at a time through two small buffers:
                 # whole, the product (compute dtype) and the fp32 copy `+=` makes of it would be two more
-                # (V, C) temporaries, 77 MB + 147 MB for GPT-2.
+                # (V, C) temporaries.
                 for first in range(0, vocab, ACCUMULATE_ROWS):
                     last = min(first + ACCUMULATE_ROWS, vocab)
                     product = torch.mm(grad_logits[:, first:last].t(), h_chunk, out=block[: last - first])
@@ -115,3 +117,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         # needs_input_grad ignores no_grad mode; detaching keeps evaluation from computing gradients.
         hidden, weight = hidden.detach(), weight.detach()
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged loss gives a huge number rather than an overflow."""
+    return math.exp(min(loss, 80.0))

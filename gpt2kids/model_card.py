@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpt2kids.training import Run
 
 
 def render(*, title: str, base_model: str, data_description: str, hyperparameters: dict[str, Any],
@@ -53,3 +56,24 @@ def render(*, title: str, base_model: str, data_description: str, hyperparameter
         "",
     ]
     return "\n".join(lines)
+
+
+def for_run(run: Run, which: str) -> str:
+    """The card of a run's `best/` or `final/` export."""
+    config, dataset, progress = run.config, run.dataset, run.progress
+    data_name = config.data or "the bundled gpt2kids Indonesian children's stories"
+    hyperparameters = {
+        "base model": run.base_model, "epochs": config.epochs, "micro-batch": config.batch_size,
+        "gradient accumulation": config.grad_accum, "GPUs/processes": run.dist.world_size,
+        "block size": dataset.train.inputs.shape[1], "learning rate": config.lr,
+        "schedule": f"{config.schedule}, {config.warmup_steps} warm-up steps",
+        "optimizer": "AdamW (betas 0.9, 0.999, eps 1e-8)", "weight decay": config.weight_decay,
+        "max grad norm": config.max_grad_norm, "precision": run.precision.name, "seed": config.seed,
+        "dropout": run.model.config.resid_pdrop,
+    }
+    description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
+                   f"{dataset.train.token_count:,} tokens), {dataset.eval_stories} held out")
+    note = {"best": f"This is the checkpoint with the lowest validation loss, at step {progress.step}.",
+            "final": f"This is the model after step {progress.step} of {run.total_steps}."}[which]
+    return render(title=f"gpt2kids: {run.folder.name} ({which})", base_model=run.base_model,
+                  data_description=description, hyperparameters=hyperparameters, history=progress.history, note=note)

@@ -9,8 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.errors import UserError
-from gpt2kids.io import atomic_write_text
 
 END_OF_TEXT = "<|endoftext|>"
 

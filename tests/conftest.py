@@ -102,7 +102,7 @@ def init_folder(tmp_path_factory, tokenizer) -> Path:
 
 def config_for(init_folder: Path, corpus: Path, out: Path, **overrides):
     """A TrainConfig for a seconds-long CPU run of the tiny init model."""
-    from gpt2kids.trainer import TrainConfig
+    from gpt2kids.train_config import TrainConfig
 
     settings = dict(data=str(corpus), init=str(init_folder), out=str(out), epochs=2, batch_size=4, block_size=64,
                     lr=1e-3, precision="fp32", device="cpu", seed=3)

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train
-from gpt2kids import checkpoint, io, trainer
-from gpt2kids.errors import run_cli
+from gpt2kids import atomic_files, checkpoint, training
+from gpt2kids.cli import run_cli
 
 
 def die() -> None:
@@ -36,33 +36,33 @@ def inject(point: str, when: int) -> None:
         return count["n"] == when
 
     if point in ("step", "sigint", "sigterm"):
-        original_step = trainer.Trainer.train_step
+        original_backward = training.backward
 
-        def train_step(self, micro_batches):
-            if self.progress.step + 1 == when:
-                forward = self.forward_model
+        def backward(run, micro_batches):
+            if run.progress.step + 1 == when:
+                forward = run.forward
 
                 def forward_then_fault(*args, **kwargs):
                     result = forward(*args, **kwargs)
                     if point == "step":
                         die()
                     os.kill(os.getpid(), signal.SIGINT if point == "sigint" else signal.SIGTERM)
-                    self.forward_model = forward
+                    run.forward = forward
                     return result
 
-                self.forward_model = forward_then_fault
-            return original_step(self, micro_batches)
+                run.forward = forward_then_fault
+            return original_backward(run, micro_batches)
 
-        trainer.Trainer.train_step = train_step
+        training.backward = backward
     elif point == "eval":
-        original_evaluate = trainer.Trainer.evaluate
+        original_evaluate = training.evaluate
 
-        def evaluate(self):
+        def evaluate(run):
             if reached():
-                self.model.forward = lambda *args, **kwargs: die()
-            return original_evaluate(self)
+                run.model.forward = lambda *args, **kwargs: die()
+            return original_evaluate(run)
 
-        trainer.Trainer.evaluate = evaluate
+        training.evaluate = evaluate
     elif point == "checkpoint":
         original_save_file = checkpoint.save_file
 
@@ -73,14 +73,14 @@ def inject(point: str, when: int) -> None:
 
         checkpoint.save_file = save_file
     elif point == "swap":
-        original_replace = io.os.replace
+        original_replace = atomic_files.os.replace
 
         def replace(source, target):
             original_replace(source, target)
             if Path(target).name == checkpoint.PREVIOUS and reached():
                 die()
 
-        io.os.replace = replace
+        atomic_files.os.replace = replace
     else:
         raise SystemExit(f"unknown fault point {point}")
 

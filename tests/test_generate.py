@@ -14,9 +14,10 @@ import torch
 from conftest import REPO, SAMPLE_TEXTS
 
 from gpt2kids.config import GPT2Config
-from gpt2kids.generation import TextStream, newest_export
 from gpt2kids.hf import export
 from gpt2kids.model import GPT2
+from gpt2kids.text_generation import newest_export
+from gpt2kids.text_output import TextStream
 from gpt2kids.tokenizer import Tokenizer
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from gpt2kids import checkpoint
 from gpt2kids.errors import UserError
-from gpt2kids.trainer import train
+from gpt2kids.training import train
 
 # Dropout on, so the RNG state must be restored too; checkpoints every 10 steps and each epoch (47 steps).
 SETTINGS = dict(epochs=2, eval_every=10, save_every=10, dropout=0.1)

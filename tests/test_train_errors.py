@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_train
 
-from gpt2kids.errors import run_cli
+from gpt2kids.cli import run_cli
 from gpt2kids.tokenizer import Tokenizer
 
 sys.path.insert(0, str(REPO))

@@ -1,13 +1,17 @@
-"""Training kernels that keep less memory than the plain modules would, with the same arithmetic.
+"""Kernels that train with less memory, applied to a built model; what it computes stays the same.
 
-`gpt2kids.model` calls two functions from here:
+`use_memory_saving_kernels(model)` keeps every parameter, its name and its value, and changes only
+what is kept for the backward:
 
-- `project(linear, x, pre)`: `linear(pre(x))` for a LayerNorm or activation `pre`, which in eager
-  training saves only `x` and the parameters for the backward (see `RecomputingLinear`);
-- `causal_attention(q, k, v, dropout)`: SDPA with `is_causal=True`, except for CPU training with
-  dropout, where SDPA falls back to a slow, memory-hungry math path (see `CausalDropoutAttention`).
+- `RecomputingLinear`: LayerNorm -> Linear (ln_1 -> c_attn, ln_2 -> c_fc) and GELU -> Linear
+  (mlp.c_proj) as one autograd function that saves only its input and recomputes the rest;
+- `CausalDropoutAttention`: causal attention with dropout by blocks of queries, for CPU training,
+  where SDPA has no dropout kernel and falls back to materialising every (T, T) score;
+- `gpt2kids.loss.linear_cross_entropy`: the LM head and its loss in chunks of tokens, so the full
+  (tokens x vocabulary) logits never exist.
 
-Without gradients (evaluation, decoding) and under torch.compile both are the plain PyTorch calls.
+Without gradients (evaluation, sampling) and under torch.compile the modules compute through the
+plain PyTorch calls, so the compiler sees the textbook graph.
 """
 
 from __future__ import annotations
@@ -19,19 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2kids.loss import compute_dtype, linear_cross_entropy
+from gpt2kids.model import GPT2, Block, CausalSelfAttention, LayerKVCache
+
 
 class RecomputingLinear(torch.autograd.Function):
     """`linear(pre(x))` in the compute dtype, saving for the backward only `x` and the parameters.
 
-    The plain modules under autocast keep more until the backward: the bf16 copy of every weight
-    (autocast caches it for the whole forward, and linear's backward saves it: 162 MB for GPT-2
-    Small, all of it alive at the LM head, where training memory peaks), and the linear's input
-    `pre(x)` beside `x`, which `pre`'s own backward keeps anyway. Here the weight is cast again in
-    the backward and `pre` (ln_1 before c_attn, ln_2 before c_fc, the GELU before mlp.c_proj) is
-    recomputed from `x`: per 1024 tokens of GPT-2 Small in bf16, 36 MB of LayerNorm outputs and
-    72 MB of GELU outputs less, for the price of recomputing those elementwise ops. The casts and
-    matmuls are the ones autocast makes, so losses and gradients come out the same as with the
-    plain modules (bit for bit, in our CPU checks, fp32 and bf16).
+    The plain modules under autocast keep more until the backward: the low-precision copy of every
+    weight (autocast caches it for the whole forward, and linear's backward saves it), and the
+    Linear's input `pre(x)` beside `x`, which `pre`'s own backward keeps anyway. Here the weight is
+    cast again in the backward and `pre` is recomputed from `x`, for the price of recomputing an
+    elementwise op. The casts and matmuls are the ones autocast makes, in the same order, so losses
+    and gradients are those of the plain modules, bit for bit (tests/test_memory_saving.py).
     """
 
     @staticmethod
@@ -76,27 +80,6 @@ class RecomputingLinear(torch.autograd.Function):
         return pre_grads[0], grad_weight, grad_bias, None, None, *pre_grads[1:]
 
 
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, weight.shape, weight, bias, eps)
-
-
-def project(layer: nn.Linear, x: torch.Tensor, pre: nn.Module | None = None) -> torch.Tensor:
-    """`layer(pre(x))`, where `pre` is a LayerNorm, an activation or nothing.
-
-    In eager training this goes through `RecomputingLinear`, which keeps less for the backward. Under
-    torch.compile the plain modules are traced instead: the compiler's own partitioner already
-    recomputes cheap elementwise work rather than saving it, and traces them without graph breaks.
-    """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return layer(pre(x) if pre is not None else x)
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    if isinstance(pre, nn.LayerNorm):
-        function = functools.partial(_layer_norm, eps=pre.eps)
-        return RecomputingLinear.apply(x, layer.weight, layer.bias, dtype, function, pre.weight, pre.bias)
-    return RecomputingLinear.apply(x, layer.weight, layer.bias, dtype, pre)
-
-
 # Queries per block in `CausalDropoutAttention`: its temporaries are (B, H, block, T) in fp32.
 ATTENTION_BLOCK = 64
 
@@ -106,13 +89,10 @@ class CausalDropoutAttention(torch.autograd.Function):
 
     SDPA's CPU flash kernel has no dropout, so with dropout_p > 0 PyTorch falls back to its math
     path: it materialises the (B, H, T, T) scores, probabilities and dropout mask, keeps them for the
-    backward (a training step of GPT-2 Small at 4 x 512 tokens peaked 1.7 GB higher) and computes the
-    masked-out half too. With GPT-2's dropout of 0.1, forward and backward of (4, 12, T, 64) bf16
-    attention took 3.8x (T = 512) and 5.8x (T = 1024) as long as without dropout; this function takes
-    1.3x and 2.4x. Here each block of queries meets only the keys at or before it and keeps
-    only its dropout mask (one byte per causal entry) and log-normaliser; the backward recomputes
-    the probabilities from those. As in the flash kernels, the scores and the softmax are fp32 (a bf16
-    QKᵀ rounded to bf16 gave ~4x the flash kernel's error) and the other matmuls run in the inputs' dtype.
+    backward and computes the masked-out half too. Here each block of queries meets only the keys at
+    or before it and keeps only its dropout mask (one byte per causal entry) and log-normaliser; the
+    backward recomputes the probabilities from those. As in the flash kernels, the scores and the
+    softmax are fp32 and the other matmuls run in the inputs' dtype.
     """
 
     @staticmethod
@@ -182,9 +162,71 @@ def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, scale:
     return scores
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Causal self-attention of (B, H, T, D) queries, keys and values, with dropout on the probabilities."""
-    if dropout > 0 and q.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return CausalDropoutAttention.apply(q, k, v, dropout)
-    # Flash / memory-efficient kernels: no mask in memory.
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+def _plain_path() -> bool:
+    return not torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+class LeanLinear(nn.Module):
+    """`linear(pre(x))` for a LayerNorm or activation `pre` (or none), through `RecomputingLinear` in training.
+
+    It holds the Linear's own parameters (the same objects, under the same names); `pre` stays where it
+    is registered (the block's ln_1 / ln_2) and is only referred to here.
+    """
+
+    def __init__(self, linear: nn.Linear, pre: nn.Module | None) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.pre_module = (pre,)  # a tuple, so that `pre` is not registered a second time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_module[0]
+        if _plain_path():
+            return F.linear(pre(x) if pre is not None else x, self.weight, self.bias)
+        dtype = compute_dtype(x)
+        if isinstance(pre, nn.LayerNorm):
+            function = functools.partial(_layer_norm, eps=pre.eps)
+            return RecomputingLinear.apply(x, self.weight, self.bias, dtype, function, pre.weight, pre.bias)
+        return RecomputingLinear.apply(x, self.weight, self.bias, dtype, pre)
+
+
+class LeanAttention(CausalSelfAttention):
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        causal = mask is None and q.shape[2] == k.shape[2]
+        if causal and self.training and self.attn_pdrop > 0 and q.device.type == "cpu" and not _plain_path():
+            return CausalDropoutAttention.apply(q, k, v, self.attn_pdrop)
+        return super().attention(q, k, v, mask)
+
+
+class LeanBlock(Block):
+    """The block with ln_1 and ln_2 applied inside the Linear after each (attn.c_attn, mlp.c_fc)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(x, mask, kv_cache)
+        return x + self.mlp(x)
+
+
+class LeanGPT2(GPT2):
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        loss_sum, count = linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        return loss_sum if reduction == "sum" else loss_sum / count.clamp(min=1)
+
+
+def use_memory_saving_kernels(model: GPT2) -> GPT2:
+    """Switch `model` (in place) to the kernels above; parameters and state dict are unchanged."""
+    for block in model.transformer.h:
+        attention, mlp = block.attn, block.mlp
+        attention.c_attn = LeanLinear(attention.c_attn, block.ln_1)
+        attention.c_proj = LeanLinear(attention.c_proj, None)
+        mlp.c_fc = LeanLinear(mlp.c_fc, block.ln_2)
+        mlp.c_proj = LeanLinear(mlp.c_proj, mlp.act)
+        mlp.act = nn.Identity()
+        # Subclasses that only override how forward computes, so the modules keep their state.
+        attention.__class__ = LeanAttention
+        block.__class__ = LeanBlock
+    model.__class__ = LeanGPT2
+    return model

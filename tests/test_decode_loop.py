@@ -1,139 +1,45 @@
-"""The sampler against transformers: each logits processor, then whole greedy decodes."""
+"""The decode loop against transformers' generate, and against recomputing the whole sequence."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    NoRepeatNGramLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from gpt2kids.config import GPT2Config
-from gpt2kids.errors import UserError
+from gpt2kids.decode_loop import fit_prompt, generate
 from gpt2kids.hf import load_model
-from gpt2kids.model import GPT2
-from gpt2kids.sampling import (
-    NGramBans,
-    SamplingSettings,
-    apply_bans,
-    apply_repetition_penalty,
-    apply_temperature,
-    apply_top_k,
-    apply_top_p,
-    fit_prompt,
-    generate,
-    seen_tokens,
-)
+from gpt2kids.logits_processors import LogitsProcessors, SamplingSettings, choose
+from gpt2kids.model import GPT2, build_mask
 
 VOCAB = 101
 EOS = VOCAB - 1  # conftest's hf_model puts end-of-text last
 TINY = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4)
 
 
-@pytest.fixture
-def scores() -> torch.Tensor:
-    return torch.randn(4, VOCAB) * 3
-
-
-@pytest.fixture
-def history() -> torch.Tensor:
-    # A small id range so that tokens and n-grams repeat.
-    return torch.randint(0, 12, (4, 40))
-
-
-# --- processors ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
-def test_temperature(scores, temperature):
-    expected = TemperatureLogitsWarper(temperature)(None, scores.clone())
-    torch.testing.assert_close(apply_temperature(scores, temperature), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("k", [1, 5, 50, VOCAB, VOCAB + 10])
-def test_top_k(scores, k):
-    expected = TopKLogitsWarper(k)(None, scores.clone())
-    assert torch.equal(apply_top_k(scores, k), expected)
-
-
-def test_top_k_keeps_ties_at_the_threshold():
-    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
-    ours = apply_top_k(scores, 2)
-    assert torch.equal(ours, TopKLogitsWarper(2)(None, scores.clone()))
-    assert torch.isfinite(ours).sum(dim=1).tolist() == [4, 6]
-
-
-@pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.999, 1.0])
-def test_top_p(scores, top_p):
-    expected = TopPLogitsWarper(top_p)(None, scores.clone())
-    ours = apply_top_p(scores, top_p)
-    assert torch.equal(ours, expected)
-    if top_p == 1e-6:  # only the best token survives
-        assert torch.isfinite(ours).sum(dim=1).tolist() == [1] * scores.shape[0]
-        assert torch.equal(ours.argmax(dim=1), scores.argmax(dim=1))
-
-
-def test_top_p_after_top_k_with_minus_infinity(scores):
-    filtered = apply_top_k(scores, 7)
-    assert torch.equal(apply_top_p(filtered, 0.8), TopPLogitsWarper(0.8)(None, filtered.clone()))
-
-
-@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
-def test_repetition_penalty(scores, history, penalty):
-    expected = RepetitionPenaltyLogitsProcessor(penalty)(history, scores.clone())
-    seen = seen_tokens(history.tolist(), VOCAB, "cpu")
-    torch.testing.assert_close(apply_repetition_penalty(scores, seen, penalty), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_no_repeat_ngram(scores, history, n):
-    expected = NoRepeatNGramLogitsProcessor(n)(history, scores.clone())
-    bans = NGramBans(history.tolist(), n)
-    ours = apply_bans(scores, [bans.banned(row) for row in range(history.shape[0])])
-    assert torch.equal(ours, expected)
-
-
-def test_no_repeat_ngram_kept_incrementally_equals_from_scratch(history):
-    bans = NGramBans(history[:, :10].tolist(), 3)
-    for column in range(10, history.shape[1]):
-        for row in range(history.shape[0]):
-            bans.add(row, int(history[row, column]))
-    fresh = NGramBans(history.tolist(), 3)
-    assert [bans.banned(r) for r in range(4)] == [fresh.banned(r) for r in range(4)]
-
-
-def test_no_repeat_ngram_on_short_history():
-    scores = torch.zeros(1, 10)
-    bans = NGramBans([[3]], 3)
-    assert torch.equal(apply_bans(scores, [bans.banned(0)]), scores)
-
-
-@pytest.mark.parametrize("change, message", [
-    (dict(max_new_tokens=0), "--max-new-tokens"),
-    (dict(max_new_tokens=-5), "--max-new-tokens"),
-    (dict(top_p=0.0), "--top-p"),
-    (dict(top_p=1.5), "--top-p"),
-    (dict(top_p=float("nan")), "--top-p"),
-    (dict(temperature=0.0), "--greedy"),
-    (dict(top_k=-1), "--top-k"),
-    (dict(repetition_penalty=0.0), "--repetition-penalty"),
-    (dict(no_repeat_ngram_size=-1), "--no-repeat-ngram-size"),
-    (dict(num_return_sequences=0), "--num-return-sequences"),
-])
-def test_settings_refuse_bad_values(change, message):
-    with pytest.raises(UserError, match=message):
-        SamplingSettings(**change).validate()
-    SamplingSettings(temperature=0.0, greedy=True).validate()  # greedy ignores the temperature
-
-
-def test_fit_prompt():
-    assert fit_prompt([], 64, 10, EOS) == ([EOS], False)
-    assert fit_prompt([1, 2, 3], 64, 10, EOS) == ([1, 2, 3], False)
-    assert fit_prompt(list(range(60)), 64, 10, EOS) == (list(range(6, 60)), True)
-    assert fit_prompt(list(range(60)), 64, 100, EOS) == ([59], True)  # always keeps one token
+@torch.inference_mode()
+def recomputing_generate(model, prompts, settings, eos_id, generator=None):
+    """The reference: no KV cache, the whole (left-padded) sequence recomputed at every step."""
+    rows = [list(p) for p in prompts for _ in range(settings.num_return_sequences)]
+    width = max(map(len, rows))
+    sequence = torch.tensor([[eos_id] * (width - len(r)) + r for r in rows])
+    padding = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    processors = LogitsProcessors(settings, rows, model.config.vocab_size, "cpu")
+    outputs, finished = [[] for _ in rows], [False] * len(rows)
+    for _ in range(settings.max_new_tokens):
+        positions = (padding.cumsum(-1) - 1).clamp(min=0)
+        logits = model(sequence, mask=build_mask(padding, sequence.shape[1]), position_ids=positions)
+        tokens = choose(processors(logits[:, -1].float()), settings.greedy, generator)
+        tokens = torch.where(torch.tensor(finished), eos_id, tokens)
+        for row, token in enumerate(tokens.tolist()):
+            finished[row] = finished[row] or token == eos_id
+            if not finished[row]:
+                outputs[row].append(token)
+        if all(finished):
+            break
+        processors.add(tokens)
+        sequence = torch.cat([sequence, tokens[:, None]], dim=1)
+        padding = torch.cat([padding, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+    return outputs
 
 
 # --- whole decodes ---------------------------------------------------------------------------------
@@ -198,7 +104,7 @@ def test_kv_cache_equals_recomputing(greedy):
     prompts = [[5, 6, 7], list(range(20, 31))]
     settings = SamplingSettings(max_new_tokens=25, greedy=greedy, top_k=30, top_p=0.95, num_return_sequences=2)
     cached = generate(model, prompts, settings, EOS, torch.Generator().manual_seed(11))
-    recomputed = generate(model, prompts, settings, EOS, torch.Generator().manual_seed(11), use_cache=False)
+    recomputed = recomputing_generate(model, prompts, settings, EOS, torch.Generator().manual_seed(11))
     assert cached == recomputed
     assert len(cached) == 4
 
@@ -249,3 +155,10 @@ def test_empty_prompt_starts_from_eos():
     model = tiny_model()
     settings = SamplingSettings(max_new_tokens=8, greedy=True)
     assert generate(model, [[]], settings, EOS) == generate(model, [[EOS]], settings, EOS)
+
+
+def test_fit_prompt():
+    assert fit_prompt([], 64, 10, EOS) == ([EOS], False)
+    assert fit_prompt([1, 2, 3], 64, 10, EOS) == ([1, 2, 3], False)
+    assert fit_prompt(list(range(60)), 64, 10, EOS) == (list(range(6, 60)), True)
+    assert fit_prompt(list(range(60)), 64, 100, EOS) == ([59], True)  # always keeps one token

@@ -85,6 +85,8 @@ def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: s
         fill(building)
         for path in building.rglob("*"):
             if path.is_file():
+                # Every file readable like any other the user creates (some writers create 0600).
+                os.chmod(path, 0o666 & ~_umask())
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
         if target.exists():

@@ -1,0 +1,48 @@
+"""What every command line shares: one-line errors with exit status 2, and the runner around `main`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from gpt2kids.errors import Stopped, UserError
+
+EXIT_USAGE = 2
+
+
+def die(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (what was wrong, where to look), exit status 2,
+    and shows every flag's default in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        die(f"{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help; the description and epilog (the examples) keep their lines."""
+
+
+def run_cli(main: Callable[[], int | None]) -> NoReturn:
+    """Run a command-line `main`, turning `UserError` into one line on stderr and exit status 2."""
+    try:
+        status = main()
+    except UserError as error:
+        die(str(error))
+    except Stopped as stop:
+        print(str(stop), file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
+    except KeyboardInterrupt:  # Ctrl-C where no one handles it (a second one, while training): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(status or 0)

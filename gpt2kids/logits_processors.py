@@ -1,0 +1,180 @@
+"""Sampling settings and the logits processors of `python generate.py`.
+
+The processors are small pure functions over a (B, V) float32 score tensor, each tested to give the
+scores of its transformers counterpart. `LogitsProcessors` applies them in the order transformers'
+`generate` does: repetition penalty, no-repeat n-gram, then (when sampling) temperature, top-k and
+top-p; a processor that would change nothing is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gpt2kids.errors import UserError
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    greedy: bool = False
+    num_return_sequences: int = 1
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first bad value and what it must be."""
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 < self.top_p <= 1:  # also refuses NaN
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}; 1 turns it off")
+        if not self.greedy and not self.temperature > 0:
+            raise UserError(f"--temperature must be above 0, got {self.temperature}; "
+                            "for deterministic argmax decoding pass --greedy")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition-penalty must be above 0 (1 turns it off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise UserError(f"--no-repeat-ngram-size must be 0 (off) or more, got {self.no_repeat_ngram_size}")
+        if self.num_return_sequences < 1:
+            raise UserError(f"--num-return-sequences must be at least 1, got {self.num_return_sequences}")
+
+
+# --- logits processors ----------------------------------------------------------------------------
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise every token already in the row's history (prompt and generated), once each.
+
+    `seen` is a (B, V) bool mask of those tokens. Negative scores are multiplied by the penalty and
+    positive ones divided, so a penalty above 1 always makes a seen token less likely.
+    """
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def seen_tokens(histories: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """The (B, V) bool mask `apply_repetition_penalty` takes, built from token-id lists."""
+    seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
+    for row, history in enumerate(histories):
+        if history:
+            seen[row, torch.tensor(list(history), device=device)] = True
+    return seen
+
+
+class NGramBans:
+    """Per row, which next tokens would complete an n-gram already seen in that row.
+
+    Kept incrementally: each appended token records one n-gram, so a step costs O(rows) rather than
+    a rescan of the whole history.
+    """
+
+    def __init__(self, histories: Sequence[Sequence[int]], n: int) -> None:
+        if n < 1:
+            raise ValueError("n-gram size must be at least 1")
+        self.n = n
+        self.tokens: list[list[int]] = [[] for _ in histories]
+        self.followers: list[dict[tuple[int, ...], set[int]]] = [{} for _ in histories]
+        for row, history in enumerate(histories):
+            for token in history:
+                self.add(row, token)
+
+    def add(self, row: int, token: int) -> None:
+        tokens = self.tokens[row]
+        tokens.append(token)
+        if len(tokens) >= self.n:
+            prefix = tuple(tokens[len(tokens) - self.n:-1])
+            self.followers[row].setdefault(prefix, set()).add(token)
+
+    def banned(self, row: int) -> set[int]:
+        tokens = self.tokens[row]
+        if len(tokens) < self.n - 1:
+            return set()
+        prefix = tuple(tokens[len(tokens) - self.n + 1:])
+        return self.followers[row].get(prefix, set())
+
+
+def apply_bans(scores: torch.Tensor, banned: Sequence[set[int] | Sequence[int]]) -> torch.Tensor:
+    """Set the banned tokens of each row to -inf."""
+    rows = [row for row, tokens in enumerate(banned) for _ in tokens]
+    if not rows:
+        return scores
+    columns = [token for tokens in banned for token in tokens]
+    scores = scores.clone()
+    scores[torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device)] = float("-inf")
+    return scores
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    return scores / temperature
+
+
+def apply_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the tokens scoring at least the k-th best score (ties at that score are all kept)."""
+    k = min(k, scores.shape[-1])
+    threshold = torch.topk(scores, k, dim=-1).values[:, -1:]
+    return scores.masked_fill(scores < threshold, float("-inf"))
+
+
+def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of best tokens whose probabilities add up to at least `top_p`.
+
+    Sorted ascending, a token is dropped when the probability mass at or below it is at most
+    1 - top_p; the best token always stays, so at least one survives.
+    """
+    ascending, order = torch.sort(scores, dim=-1)
+    mass_below = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = mass_below <= 1 - top_p
+    drop_sorted[:, -1] = False
+    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def warp(scores: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Temperature, top-k, top-p: the sampling-only processors, each skipped when it is a no-op."""
+    if settings.temperature != 1.0:
+        scores = apply_temperature(scores, settings.temperature)
+    if settings.top_k > 0 and settings.top_k < scores.shape[-1]:
+        scores = apply_top_k(scores, settings.top_k)
+    if settings.top_p < 1.0:
+        scores = apply_top_p(scores, settings.top_p)
+    return scores
+
+
+class LogitsProcessors:
+    """The processors `settings` asks for, with the per-row history they need (prompt and new tokens)."""
+
+    def __init__(self, settings: SamplingSettings, histories: Sequence[Sequence[int]], vocab_size: int,
+                 device: torch.device | str) -> None:
+        self.settings = settings
+        self.seen = seen_tokens(histories, vocab_size, device) if settings.repetition_penalty != 1.0 else None
+        self.bans = NGramBans(histories, settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size > 0 else None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None:
+            scores = apply_repetition_penalty(scores, self.seen, self.settings.repetition_penalty)
+        if self.bans is not None:
+            scores = apply_bans(scores, [self.bans.banned(row) for row in range(scores.shape[0])])
+        if not self.settings.greedy:
+            scores = warp(scores, self.settings)
+        return scores
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Record each row's new token (a (B,) tensor) in the histories."""
+        if self.seen is not None:
+            self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+        if self.bans is not None:
+            for row, token in enumerate(tokens.tolist()):
+                self.bans.add(row, token)
+
+
+def choose(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row: the best, or drawn from softmax(scores) as transformers draws it."""
+    if greedy:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)

@@ -1,0 +1,56 @@
+"""What a training run tells people: TensorBoard events, a progress bar per epoch, lines on stderr.
+
+Only the main process (rank 0) reports. TensorBoard gets train/loss, train/lr, train/grad_norm,
+train/tokens_per_s at every step, eval/loss and eval/perplexity at every evaluation, a sample story
+after each evaluation, and the run's settings as hparams.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class Reporter:
+    def __init__(self, folder: Path, is_main: bool, first_step_to_log: int, settings: dict[str, Any] | None) -> None:
+        """`first_step_to_log`: a resumed run drops the events a killed run logged after its checkpoint.
+
+        `settings` (the run's hyper-parameters) are logged as hparams, for a new run only.
+        """
+        self.is_main = is_main
+        self.writer = None
+        if not is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=first_step_to_log if first_step_to_log else None)
+        if settings is not None:
+            values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
+            for summary in hparams(values, {"eval/loss": 0.0, "eval/perplexity": 0.0}):
+                self.writer.file_writer.add_summary(summary)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def progress_bar(self, description: str, total: int, done: int) -> tqdm:
+        return tqdm(total=total, initial=done, desc=description, file=sys.stderr, disable=not self.is_main,
+                    dynamic_ncols=True, leave=False)
+
+    def say(self, line: str) -> None:
+        if self.is_main:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

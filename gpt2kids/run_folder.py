@@ -1,0 +1,88 @@
+"""The run folder: where a run lives, what it refuses to overwrite, and how `--resume` gets back in.
+
+    runs/NAME/  train_config.json, events.out.tfevents.*, checkpoint/, checkpoint-previous/, best/, final/
+
+A new run refuses an `--out` that already holds a run; `--resume` takes the run's own settings from
+`train_config.json` (only the settings of the invocation, like `--max-steps`, come from the command
+line) and the newest checkpoint that verifies (see `gpt2kids.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from gpt2kids import checkpoint
+from gpt2kids.atomic_files import (
+    atomic_write_text,
+    check_writable,
+    describe_os_error,
+    recover_folder,
+    remove_debris,
+)
+from gpt2kids.distributed import Distributed
+from gpt2kids.errors import UserError
+from gpt2kids.train_config import SESSION_FIELDS, TrainConfig
+
+TRAIN_CONFIG = "train_config.json"
+EXPORTS = ("best", "final")
+
+
+def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
+    """Resolve `--out`, refuse to overwrite a run, and on `--resume` restore the run's own settings."""
+    name = dist.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(config.out) if config.out else Path("runs") / name
+    has_run = (out / TRAIN_CONFIG).is_file() or checkpoint.exists(out)
+    if config.resume:
+        if not has_run:
+            raise UserError(f"nothing to resume in {out}: it holds no run; drop --resume to start a new run")
+        try:
+            restored = TrainConfig.from_json((out / TRAIN_CONFIG).read_text())
+        except (OSError, ValueError, TypeError) as error:
+            raise UserError(f"{out / TRAIN_CONFIG} cannot be read ({error}); the run cannot be resumed") from None
+        ignored = config.differences(restored)
+        if ignored and dist.is_main:
+            print(f"note: {', '.join(ignored)} ignored: a resumed run keeps the settings in {out / TRAIN_CONFIG}; "
+                  "start a new run (another --out) to change them", file=sys.stderr)
+        for setting in SESSION_FIELDS:
+            setattr(restored, setting, getattr(config, setting))
+        restored.out = str(out)
+        restored.validate()
+        config = restored
+    elif has_run:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if dist.is_main:
+        check_writable(out)
+        if out.is_dir():  # what a killed run may have left half-done
+            remove_debris(out)
+            for export in EXPORTS:
+                recover_folder(out / export)
+    return config, out
+
+
+def write_settings(folder: Path, config: TrainConfig) -> None:
+    """Create the run folder with its `train_config.json` (only once every input has been checked)."""
+    try:
+        atomic_write_text(folder / TRAIN_CONFIG, config.to_json())
+    except OSError as error:
+        raise UserError(describe_os_error(error, folder)) from None
+
+
+def size_on_disk(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def human_size(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def drop_resume_state(folder: Path) -> None:
+    """Delete the checkpoints of a finished run; the exports stay."""
+    for name in (checkpoint.CHECKPOINT, checkpoint.PREVIOUS):
+        shutil.rmtree(folder / name, ignore_errors=True)

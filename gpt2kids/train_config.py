@@ -1,0 +1,136 @@
+"""The settings of a training run (`TrainConfig`) and the `python train.py` flags that fill them.
+
+Each field is one flag (`batch_size` is `--batch-size`), with its default and help text here, so the
+flags, their defaults and `--help` come from one place. A run saves its settings as
+`train_config.json`; `--resume` reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpt2kids.cli import ArgumentParser
+from gpt2kids.device import PRECISIONS
+from gpt2kids.errors import UserError
+from gpt2kids.optimizer import SCHEDULES
+
+DEFAULT_INIT = "flax-community/gpt2-small-indonesian"
+# Settings of one invocation rather than of the run: a resumed run takes these from the command line.
+SESSION_FIELDS = ("out", "resume", "max_steps", "device", "compile", "push_to_hub", "private", "drop_resume_state")
+EXAMPLES = """examples:
+  python train.py                                   # the published recipe on the bundled stories
+  python train.py --init scratch --model-size tiny --epochs 1 --lr 1e-3 --out runs/demo   # offline CPU demo
+  python train.py --data my-stories/ --epochs 3 --early-stopping 2 --out runs/mine
+  python train.py --out runs/mine --resume          # continue a stopped run
+  torchrun --nproc_per_node=2 train.py              # data-parallel on 2 GPUs
+"""
+
+
+def flag(default: Any, help: str, **argparse_options: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = flag(None, "a folder of .txt stories (one per file), a .txt of blank-line-separated "
+                                  "stories, or a .jsonl with a text field (default: the bundled stories)")
+    init: str = flag(DEFAULT_INIT, "a hub id, a local HF folder, a gpt2kids run folder or export, or 'scratch'")
+    model_size: str = flag("small", "with --init scratch: tiny (4 layers, 256 wide, 256 context) or small "
+                                    "(GPT-2 Small)", choices=("tiny", "small"))
+    tokenizer: str | None = flag(None, "tokenizer.json or a folder with one (default: the init checkpoint's; "
+                                       "with --init scratch, a BPE trained on the stories)")
+    vocab_size: int = flag(8000, "size of a tokenizer trained with --init scratch")
+    out: str | None = flag(None, "run folder (default: runs/<date-time>)")
+    epochs: int = flag(10, "passes over the training stories")
+    batch_size: int = flag(8, "micro-batch: sequences per forward")
+    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    block_size: int | None = flag(None, "tokens per training sequence (default: min(1024, model context))")
+    lr: float = flag(5e-5, "peak learning rate")
+    schedule: str = flag("linear", "learning-rate schedule after the warm-up", choices=SCHEDULES)
+    warmup_steps: int = flag(0, "optimizer steps of linear warm-up")
+    weight_decay: float = flag(0.0, "AdamW weight decay, on 2-D weights only")
+    max_grad_norm: float = flag(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    eval_split: float = flag(0.1, "fraction of stories held out (whole stories, chosen by the seed)")
+    eval_data: str | None = flag(None, "an explicit held-out set (same formats as --data); no split is made then")
+    eval_every: int | None = flag(None, "also evaluate every N optimizer steps (default: each epoch)")
+    save_every: int | None = flag(None, "also checkpoint every N optimizer steps (default: each epoch)")
+    precision: str = flag("auto", "auto: bf16 where the device does bf16 well, fp16 with a grad scaler on "
+                                  "older CUDA, fp32 otherwise", choices=PRECISIONS)
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    compile: bool = flag(False, "torch.compile the model")
+    seed: int = flag(42, "seed of the split, the block order, dropout and the initialisation")
+    resume: bool = flag(False, "continue the run in --out from its last checkpoint")
+    max_steps: int | None = flag(None, "stop after N optimizer steps (smoke runs; --resume continues)")
+    dropout: float | None = flag(None, "override the model's dropout rates (default: the checkpoint's)")
+    early_stopping: int | None = flag(None, "stop when N evaluations in a row bring no new lowest eval loss")
+    push_to_hub: str | None = flag(None, "when the run ends, upload best/ (else final/) to this hub repo id")
+    private: bool = flag(False, "with --push-to-hub: make a new repo private")
+    drop_resume_state: bool = flag(False, "when the run has finished well, delete checkpoint/ and "
+                                          "checkpoint-previous/ (the exports stay; the run cannot be resumed)")
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+        for name in ("epochs", "batch_size", "grad_accum", "block_size", "lr", "eval_every", "save_every",
+                     "max_steps", "vocab_size", "early_stopping"):
+            positive(name)
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value < 0 or not math.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.lr):
+            raise UserError(f"--lr must be finite, got {self.lr}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.private and not self.push_to_hub:
+            raise UserError("--private only applies with --push-to-hub REPO_ID")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        saved = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """The flags set here to something other than the default and than `other`'s value."""
+        defaults = TrainConfig()
+        return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self)
+                if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
+                and getattr(self, f.name) != getattr(other, f.name)]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python train.py", epilog=EXAMPLES,
+                            description="Fine-tune GPT-2 on Indonesian children's stories (or train one from "
+                                        "scratch). Writes a run folder: TensorBoard events, checkpoints, and "
+                                        "best/ and final/ exports that transformers loads unchanged.")
+    for setting in dataclasses.fields(TrainConfig):
+        options = dict(setting.metadata)
+        name = "--" + setting.name.replace("_", "-")
+        if setting.type == "bool":
+            parser.add_argument(name, action="store_true", **options)
+            continue
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(setting.type, str)
+        parser.add_argument(name, type=kind, default=setting.default, **options)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+__all__ = ["DEFAULT_INIT", "TrainConfig", "build_parser", "parse_args"]

@@ -1,0 +1,505 @@
+"""The fine-tuning loop behind `python train.py`.
+
+One optimizer step is `grad_accum` micro-batches of `batch_size` blocks on each process. Each
+micro-batch's summed token loss is divided by the token count of the whole step (all micro-batches,
+all processes), so any split of the same blocks gives the same update. The order of blocks is a
+pure function of (seed, epoch), and checkpoints are taken between optimizer steps with every RNG
+state, so `--resume` continues exactly where a run stopped. Read `optimizer_step`, then
+`train_epoch`, then `train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._inductor.config
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gpt2kids import checkpoint, data, model_card, run_folder
+from gpt2kids.config import GPT2Config, preset
+from gpt2kids.decode_loop import generate
+from gpt2kids.device import Precision, choose_precision, resolve_device
+from gpt2kids.distributed import Distributed
+from gpt2kids.errors import Stopped, UserError
+from gpt2kids.hf import export, load_model, load_tokenizer
+from gpt2kids.logits_processors import SamplingSettings
+from gpt2kids.loss import perplexity
+from gpt2kids.memory_saving import use_memory_saving_kernels
+from gpt2kids.model import GPT2, IGNORE_INDEX
+from gpt2kids.optimizer import make_optimizer, make_scheduler
+from gpt2kids.reporting import Reporter
+from gpt2kids.tokenizer import Tokenizer
+from gpt2kids.train_config import TrainConfig
+
+SAMPLE_PROMPT = "Archie sedang mengendarai roket ke planet Mars."
+# fp16 steps skipped in a row (the grad scaler backing off) before the run is declared diverged.
+MAX_SKIPPED_STEPS = 25
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients became non-finite and stayed so."""
+
+
+@dataclass
+class Progress:
+    """Where the run is: saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch, from 0
+    step_in_epoch: int = 0
+    best_eval_loss: float | None = None
+    evaluations_without_improvement: int = 0
+    epoch_loss_sum: float = 0.0  # summed token loss of this epoch so far, for the epoch's train loss
+    epoch_tokens: int = 0
+    skipped_in_a_row: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    stopped_early: str | None = None  # why --early-stopping ended the run
+    finished: bool = False
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token loss of the step
+    grad_norm: float  # before clipping
+    target_tokens: int  # tokens that carried a loss (all processes)
+    input_tokens: int  # tokens fed to the model (all processes)
+    applied: bool  # False when the update was skipped (a non-finite loss or gradients)
+
+
+@dataclass
+class Run:
+    """Everything a run works with, built once by `prepare_run` before the first step."""
+
+    config: TrainConfig
+    folder: Path
+    model: GPT2  # the weights: saved, exported, evaluated
+    forward: nn.Module  # what training steps call: the model, or its DDP wrapper
+    tokenizer: Tokenizer
+    dataset: data.Dataset
+    plan: data.StepPlan
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    device: torch.device
+    dist: Distributed
+    base_model: str
+    reporter: Reporter | None = None
+    progress: Progress = field(default_factory=Progress)
+    stop_signal: signal.Signals | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.steps_per_epoch * self.config.epochs
+
+
+# --- one optimizer step --------------------------------------------------------------------------
+
+def loss_normaliser(step_tokens: int, world_size: int) -> float:
+    """What each process divides its summed loss by: DDP averages gradients over processes, so
+    dividing by tokens / world_size turns that average into the gradient of the global mean."""
+    return max(step_tokens, 1) / world_size
+
+
+def on_device(run: Run, blocks: data.Blocks, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(indices) == 0:
+        # A process with no blocks left in the last micro-batch still joins the gradient all-reduce,
+        # with a block that carries no targets (zero loss, zero gradient).
+        inputs, targets = blocks.inputs[:1], torch.full_like(blocks.targets[:1], IGNORE_INDEX)
+    else:
+        inputs, targets = blocks.inputs[indices], blocks.targets[indices]
+    if run.device.type == "cuda":
+        return (inputs.pin_memory().to(run.device, non_blocking=True),
+                targets.pin_memory().to(run.device, non_blocking=True))
+    return inputs.to(run.device), targets.to(run.device)
+
+
+def backward(run: Run, micro_batches: list[torch.Tensor]) -> tuple[float, int]:
+    """Gradients of the step's mean token loss, accumulated in `.grad` over micro-batches and processes.
+
+    Returns the mean loss and the number of target tokens of the whole step.
+    """
+    blocks = run.dataset.train
+    step_tokens = sum(int((blocks.targets[m] != IGNORE_INDEX).sum()) for m in micro_batches)
+    normaliser = loss_normaliser(step_tokens, run.dist.world_size)
+    loss_sum = torch.zeros((), device=run.device)
+    for index, micro_batch in enumerate(micro_batches):
+        inputs, targets = on_device(run, blocks, run.plan.rank_slice(micro_batch, run.dist.rank))
+        last = index == len(micro_batches) - 1
+        # DDP all-reduces the gradients once, after the last micro-batch.
+        sync = run.forward.no_sync() if isinstance(run.forward, DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
+        with sync:
+            with run.precision.autocast(run.device):
+                loss = run.forward(inputs, targets, reduction="sum")
+            run.scaler.scale(loss / normaliser).backward()
+        loss_sum += loss.detach()
+    return float(run.dist.sum(loss_sum)) / max(step_tokens, 1), step_tokens
+
+
+def optimizer_step(run: Run, micro_batches: list[torch.Tensor]) -> StepResult:
+    """Forward and backward over the step's micro-batches, then clip and update."""
+    loss, step_tokens = backward(run, micro_batches)
+    run.scaler.unscale_(run.optimizer)
+    max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm))
+    applied = math.isfinite(grad_norm) and math.isfinite(loss)
+    if applied:
+        # The scheduler moves only with the optimizer, so the two never drift apart.
+        run.scaler.step(run.optimizer)
+        run.scheduler.step()
+    run.scaler.update()  # fp16: lowers the scale after non-finite gradients; a no-op otherwise
+    run.optimizer.zero_grad(set_to_none=True)
+    input_tokens = sum(len(m) for m in micro_batches) * run.dataset.train.inputs.shape[1]
+    return StepResult(loss, grad_norm, step_tokens, input_tokens, applied)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(run: Run) -> float | None:
+    """Mean token cross-entropy over the held-out blocks (all processes together)."""
+    blocks = run.dataset.eval
+    if blocks is None:
+        return None
+    run.model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    mine = torch.arange(run.dist.rank, len(blocks), run.dist.world_size)
+    for start in range(0, len(mine), run.config.batch_size):
+        inputs, targets = on_device(run, blocks, mine[start:start + run.config.batch_size])
+        with run.precision.autocast(run.device):
+            totals[0] += run.model(inputs, targets, reduction="sum").double()
+        totals[1] += (targets != IGNORE_INDEX).sum()
+    run.dist.sum(totals)
+    run.model.train()
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def sample_story(run: Run) -> str:
+    """A short story from a fixed prompt, for TensorBoard; its own generator leaves the training RNG alone."""
+    settings = SamplingSettings(max_new_tokens=60, top_k=50, repetition_penalty=1.2)
+    generator = torch.Generator(device=run.device).manual_seed(run.config.seed)
+    run.model.eval()
+    with torch.no_grad(), run.precision.autocast(run.device):
+        prompt = run.tokenizer.encode(SAMPLE_PROMPT)
+        [tokens] = generate(run.model, [prompt], settings, run.tokenizer.eos_id, generator)
+    run.model.train()
+    return SAMPLE_PROMPT + run.tokenizer.decode(tokens)
+
+
+def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = None) -> float | None:
+    """Evaluate, log, and export `best/` on a new lowest eval loss.
+
+    At the end of an epoch the epoch's row goes into the history first, so best/'s card holds it.
+    """
+    progress = run.progress
+    eval_loss = evaluate(run)
+    if end_of_epoch_row is not None:
+        end_of_epoch_row["eval_loss"] = eval_loss
+        end_of_epoch_row["perplexity"] = perplexity(eval_loss) if eval_loss is not None else None
+        progress.history.append(end_of_epoch_row)
+    if eval_loss is None:
+        return None
+    run.reporter.scalars({"eval/loss": eval_loss, "eval/perplexity": perplexity(eval_loss)}, progress.step)
+    if run.dist.is_main:
+        run.reporter.text("sample", sample_story(run), progress.step)
+    if progress.best_eval_loss is None or eval_loss < progress.best_eval_loss:
+        progress.best_eval_loss = eval_loss
+        progress.evaluations_without_improvement = 0
+        save_export(run, "best")
+    else:
+        progress.evaluations_without_improvement += 1
+    return eval_loss
+
+
+# --- checkpoints and exports ---------------------------------------------------------------------
+
+def training_state(run: Run) -> dict[str, Any]:
+    return {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": checkpoint.rng_states(),
+        "progress": dataclasses.asdict(run.progress),
+        "model_config": run.model.config.to_hf_dict(),
+        "tokenizer": run.tokenizer.backend.to_str(),
+    }
+
+
+def restore(run: Run, saved: checkpoint.Checkpoint) -> None:
+    try:
+        run.model.load_untied_state_dict(saved.model)
+    except ValueError:
+        raise UserError(f"the checkpoint in {saved.folder} does not fit the model; it cannot be resumed") from None
+    run.optimizer.load_state_dict(saved.state["optimizer"])
+    run.scheduler.load_state_dict(saved.state["scheduler"])
+    if saved.state["scaler"]:
+        run.scaler.load_state_dict(saved.state["scaler"])
+    checkpoint.restore_rng_states(saved.state["rng"])
+    run.progress = Progress(**saved.progress)
+
+
+def save_checkpoint(run: Run) -> None:
+    if run.dist.is_main:
+        checkpoint.save(run.folder, run.model, training_state(run))
+    run.dist.barrier()
+
+
+def save_export(run: Run, which: str) -> None:
+    if run.dist.is_main:
+        export(run.model, run.tokenizer, run.folder / which, model_card=model_card.for_run(run, which))
+    run.dist.barrier()
+
+
+# --- one epoch -----------------------------------------------------------------------------------
+
+def check_diverged(run: Run, result: StepResult) -> None:
+    progress = run.progress
+    progress.skipped_in_a_row = 0 if result.applied else progress.skipped_in_a_row + 1
+    if result.applied:
+        return
+    if run.precision.needs_grad_scaler and math.isfinite(result.loss) \
+            and progress.skipped_in_a_row < MAX_SKIPPED_STEPS:
+        return  # fp16: the scaler lowers its scale and the next step usually succeeds
+    raise TrainingDiverged(
+        f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
+        f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
+        "lower --lr or use --precision fp32")
+
+
+def train_epoch(run: Run) -> bool:
+    """Train to the end of the current epoch; True when the run must stop here (--max-steps)."""
+    config, progress, plan = run.config, run.progress, run.plan
+    order = data.epoch_order(len(run.dataset.train), config.seed, progress.epoch)
+    started = time.perf_counter()
+    bar = run.reporter.progress_bar(f"epoch {progress.epoch + 1}/{config.epochs}", plan.steps_per_epoch,
+                                    progress.step_in_epoch)
+    with bar:
+        while progress.step_in_epoch < plan.steps_per_epoch:
+            step_started = time.perf_counter()
+            result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))
+            tokens_per_s = result.input_tokens / max(time.perf_counter() - step_started, 1e-9)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            check_diverged(run, result)
+            if result.applied:
+                progress.epoch_loss_sum += result.loss * result.target_tokens
+                progress.epoch_tokens += result.target_tokens
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.reporter.scalars({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                                  "train/tokens_per_s": tokens_per_s}, progress.step)
+            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+
+            end_of_epoch = progress.step_in_epoch == plan.steps_per_epoch
+            stop = run.dist.any(run.stop_signal is not None, run.device)
+            at_limit = config.max_steps is not None and progress.step >= config.max_steps
+            if end_of_epoch:
+                break
+            if config.eval_every and progress.step % config.eval_every == 0:
+                evaluate_and_keep_best(run)
+            if stop or at_limit or (config.save_every and progress.step % config.save_every == 0):
+                save_checkpoint(run)
+            if stop:
+                raise stopped(run)
+            if at_limit:
+                return True
+    finish_epoch(run, time.perf_counter() - started)
+    if stop:
+        raise stopped(run)
+    return at_limit
+
+
+def finish_epoch(run: Run, seconds: float) -> None:
+    """Evaluate, add the epoch's row, export best/, say how it went, then checkpoint."""
+    progress = run.progress
+    train_loss = progress.epoch_loss_sum / max(progress.epoch_tokens, 1)
+    row = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss}
+    eval_loss = evaluate_and_keep_best(run, end_of_epoch_row=row)
+    summary = f"epoch {row['epoch']}/{run.config.epochs}: train loss {train_loss:.4f}"
+    if eval_loss is not None:
+        summary += f", eval loss {eval_loss:.4f}, perplexity {row['perplexity']:.2f}"
+    run.reporter.say(f"{summary} ({seconds:.0f} s, step {progress.step})")
+    progress.epoch += 1
+    progress.step_in_epoch = 0
+    progress.epoch_loss_sum, progress.epoch_tokens = 0.0, 0
+    patience = run.config.early_stopping
+    if patience and progress.evaluations_without_improvement >= patience:
+        progress.stopped_early = (f"{progress.evaluations_without_improvement} evaluations in a row brought no eval "
+                                  f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
+    # The exports come first: a kill between them and this checkpoint replays the epoch's tail.
+    save_checkpoint(run)
+
+
+def stopped(run: Run) -> Stopped:
+    received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
+    return Stopped(f"stopped by {received.name} at step {run.progress.step}; a checkpoint is saved; "
+                   f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: Run) -> Iterator[None]:
+    """Ctrl-C and SIGTERM finish the current step, then save a checkpoint and stop."""
+
+    def request_stop(number: int, _frame: object) -> None:
+        run.stop_signal = signal.Signals(number)
+        print(f"\n{run.stop_signal.name} received: stopping after this step and saving a checkpoint "
+              "(send it again to abort without saving)", file=sys.stderr)
+        signal.signal(number, previous[number])
+
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    for number in numbers:
+        signal.signal(number, request_stop)
+    try:
+        yield
+    finally:
+        for number in numbers:
+            signal.signal(number, previous[number])
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def train(config: TrainConfig) -> Progress:
+    """Run (or resume) a training run; returns its final progress."""
+    config.validate()
+    dist = Distributed.from_environment(config.device)
+    try:
+        run = prepare_run(config, dist)
+        return run_epochs(run)
+    finally:
+        dist.close()
+
+
+def run_epochs(run: Run) -> Progress:
+    progress = run.progress
+    run.model.train()
+    run.reporter = Reporter(run.folder, run.dist.is_main, first_step_to_log=progress.step + 1 if progress.step else 0,
+                            settings=dataclasses.asdict(run.config) if progress.step == 0 else None)
+    try:
+        with stop_on_signals(run):
+            while progress.epoch < run.config.epochs and progress.stopped_early is None:
+                if train_epoch(run) and progress.epoch < run.config.epochs:
+                    save_export(run, "final")  # --max-steps: a smoke run still leaves a usable model
+                    report_where_things_are(run)
+                    return progress
+        progress.finished = True
+        save_export(run, "final")
+        save_checkpoint(run)
+    finally:
+        run.reporter.close()
+    if progress.stopped_early:
+        run.reporter.say(f"stopped early: {progress.stopped_early}")
+    if run.config.drop_resume_state and run.dist.is_main:
+        run_folder.drop_resume_state(run.folder)
+    report_where_things_are(run)
+    if run.config.push_to_hub and run.dist.is_main:
+        push_export(run)
+    return progress
+
+
+def report_where_things_are(run: Run) -> None:
+    folder = run.folder
+    exports = [f"{folder / name}/" for name in run_folder.EXPORTS if (folder / name).is_dir()]
+    run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds "
+                     f"{run_folder.human_size(run_folder.size_on_disk(folder))}")
+    run.reporter.say(f"generate: python generate.py --model {folder} \"{SAMPLE_PROMPT}\"")
+    run.reporter.say(f"watch:    tensorboard --logdir {folder}")
+
+
+def push_export(run: Run) -> None:
+    from gpt2kids.push import push_export as push
+
+    which = run.folder / ("best" if (run.folder / "best").is_dir() else "final")
+    url = push(which, run.config.push_to_hub, private=run.config.private)
+    run.reporter.say(f"pushed {which} to {url}")
+
+
+# --- before the first step -----------------------------------------------------------------------
+
+def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer, str]:
+    """The model to fine-tune (or train from scratch) and its tokenizer; also names the base model."""
+    if config.init == "scratch":
+        if config.tokenizer:
+            tokenizer = Tokenizer.from_path(config.tokenizer)
+        else:
+            print(f"training a {config.vocab_size}-token byte-level BPE on the training stories", file=sys.stderr)
+            tokenizer = Tokenizer.train(train_stories, config.vocab_size)
+        model_config = preset(config.model_size, tokenizer.vocab_size, tokenizer.eos_id)
+        if config.dropout is not None:
+            model_config = model_config.with_dropout(config.dropout)
+        return GPT2(model_config), tokenizer, f"scratch ({config.model_size})"
+    model, folder = load_model(config.init, dropout=config.dropout)
+    tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else load_tokenizer(folder)
+    return model, tokenizer, config.init
+
+
+def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
+    """Everything before the first step: run folder, data, model, optimizer; restored on --resume."""
+    dist = dist or Distributed()
+    config, folder = run_folder.prepare(config, dist)
+    device = resolve_device(dist.device_name(config.device))
+    precision = choose_precision(config.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the usual speed/precision trade on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(config.seed)
+    train_stories, eval_stories = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data,
+                                                  config.eval_split, config.seed)
+    saved = checkpoint.load_latest_good(folder) if config.resume else None
+    if saved is not None:
+        model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
+        tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"])
+        base_model = config.init
+    else:
+        model, tokenizer, base_model = build_model_and_tokenizer(config, train_stories)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
+                        f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")
+    block_size = config.block_size or min(1024, model.config.n_positions)
+    if block_size > model.config.n_positions:
+        raise UserError(f"--block-size {block_size} exceeds the model's context of {model.config.n_positions}; "
+                        f"use --block-size {model.config.n_positions} or less")
+    config.block_size = block_size
+    dataset = data.build_dataset(train_stories, eval_stories, tokenizer, block_size)
+    if dist.is_main and not config.resume:
+        run_folder.write_settings(folder, config)  # the run folder appears only now, every input checked
+    dist.barrier()
+
+    model = use_memory_saving_kernels(model.to(device))
+    if config.compile:
+        # Random ops (dropout) drawn as eager PyTorch draws them, from the checkpointed generator:
+        # inductor's own RNG would not replay exactly after --resume.
+        torch._inductor.config.fallback_random = True
+        model.compile()  # in place: the module (and its state dict's names) stay the same
+    forward: nn.Module = model
+    if dist.enabled:
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    plan = data.StepPlan(len(dataset.train), config.batch_size, config.grad_accum, dist.world_size)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, device)
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
+    run = Run(config, folder, model, forward, tokenizer, dataset, plan, optimizer, scheduler, scaler, precision,
+              device, dist, base_model)
+    if saved is not None:
+        restore(run, saved)
+        if run.progress.finished:
+            raise UserError(f"the run in {folder} has already finished; nothing to resume")
+        if dist.is_main:
+            print(f"resuming {folder} at step {run.progress.step} (epoch {run.progress.epoch + 1})", file=sys.stderr)
+    if dist.is_main:
+        print(f"{folder}: {model.num_parameters():,} parameters on {device} ({precision.name}), "
+              f"{len(dataset.train)} training blocks of {block_size} tokens, {plan.steps_per_epoch} steps "
+              f"per epoch, {run.total_steps} in all", file=sys.stderr)
+    return run

@@ -1,0 +1,66 @@
+"""gpt2kids.loss: the chunked LM-head cross-entropy against F.cross_entropy on the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kids.loss import linear_cross_entropy, perplexity
+from gpt2kids.model import IGNORE_INDEX
+
+BF16_UNIT = 2.0 ** -9  # the largest relative change of rounding one value to bf16
+
+
+def _reference(hidden, weight, targets, dtype):
+    """The plain computation: full logits (in the autocast dtype), then cross-entropy in fp32."""
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = F.linear(hidden, weight)
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 16, 1000], ids=["7-per-chunk", "16-per-chunk", "one-chunk"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_chunked_loss_and_gradients_equal_the_full_logits(chunk_tokens, dtype):
+    torch.manual_seed(0)
+    rows, width, vocab = 50, 24, 301
+    hidden = torch.randn(rows, width)
+    weight = torch.randn(vocab, width) * 0.3
+    targets = torch.randint(0, vocab, (rows,))
+    targets[[3, 17, 40]] = IGNORE_INDEX
+    results = []
+    for chunked in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if chunked:
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss, count = linear_cross_entropy(h, w, targets, chunk_tokens=chunk_tokens)
+            assert int(count) == rows - 3
+        else:
+            loss = _reference(h, w, targets, dtype)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, grad_h, grad_w), (expected_loss, expected_h, expected_w) = results
+    if dtype is None:
+        # fp32 both: the same products summed in another order, a few hundred terms deep.
+        bounds = dict(rtol=1e-5, atol=1e-5)
+    else:
+        # The same bf16 logits on both sides; the gradients are rounded to bf16 once before each
+        # matmul, and the weight's is accumulated over chunks: a few bf16 roundings.
+        bounds = dict(rtol=4 * BF16_UNIT, atol=4 * BF16_UNIT)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5 if dtype is None else BF16_UNIT, atol=1e-5)
+    torch.testing.assert_close(grad_h, expected_h, **bounds)
+    torch.testing.assert_close(grad_w, expected_w, **bounds)
+
+
+def test_chunked_loss_without_gradients_computes_only_the_loss():
+    hidden, weight = torch.randn(10, 8), torch.randn(20, 8)
+    targets = torch.randint(0, 20, (10,))
+    with torch.no_grad():
+        loss, count = linear_cross_entropy(hidden, weight, targets, chunk_tokens=3)
+    torch.testing.assert_close(loss, _reference(hidden, weight, targets, None))
+    assert int(count) == 10 and loss.grad_fn is None
+
+
+def test_perplexity_is_exp_of_the_loss_and_does_not_overflow():
+    assert perplexity(3.777) == pytest.approx(43.68, abs=0.01)  # the published card's pair
+    assert perplexity(1e6) > 1e34
