@@ -242,6 +242,8 @@ class Trainer:
             "progress": dataclasses.asdict(self.progress),
             "model_config": self.model.config.to_hf_dict(),
             "tokenizer": self.tokenizer.backend.to_str(),
+            "tokenizer_special_tokens": self.tokenizer.special_tokens,
+            "tokenizer_eos_id": self.tokenizer.eos_id,
         }
 
     def restore(self, saved: checkpoint.Checkpoint) -> None:
@@ -552,7 +554,8 @@ def build_trainer(config: TrainConfig, dist: Distributed | None = None) -> Train
     saved = checkpoint.load_latest_good(run_dir) if config.resume else None
     if saved is not None:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
-        tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"])
+        tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
+                                               saved.state.get("tokenizer_eos_id"))
         base_model = config.init
     else:
         model, tokenizer, base_model = build_model_and_tokenizer(config, train_stories)
