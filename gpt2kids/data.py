@@ -1,8 +1,8 @@
 """The corpus: reading stories, the story-level split, tokenising (cached), packing into blocks.
 
-A block is `block_size` consecutive tokens of the concatenated stories, each story ended by
-`<|endoftext|>`. As in Hugging Face's causal-LM recipe, a block predicts its own next tokens, so
-the last position of each block has no target; the final partial block is padded and its padding
+A block is `block_size` consecutive tokens of the concatenated stories, each story ended by the
+tokenizer's end-of-text token. As in Hugging Face's causal-LM recipe, a block predicts its own next
+tokens, so the last position of each block has no target; the final partial block is padded and its padding
 carries no target either. Eval loss is therefore the mean token cross-entropy over the held-out
 blocks, comparable with the published model's figures.
 """
@@ -142,6 +142,7 @@ def cache_dir() -> Path:
 def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256()
     digest.update(tokenizer.backend.to_str().encode("utf-8"))
+    digest.update(f"\x00eos\x00{tokenizer.eos_id}".encode())  # the same BPE may end stories with another id
     for story in stories:
         digest.update(b"\x00story\x00")
         digest.update(story.encode("utf-8"))
@@ -149,7 +150,7 @@ def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
 
 
 def tokenize_stories(stories: list[str], tokenizer: Tokenizer, use_cache: bool = True) -> torch.Tensor:
-    """All stories as one stream of token ids, each story followed by `<|endoftext|>`."""
+    """All stories as one stream of token ids, each story followed by the end-of-text id."""
     path = cache_dir() / f"{cache_key(stories, tokenizer)}.safetensors"
     if use_cache and path.is_file():
         try:

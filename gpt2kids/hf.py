@@ -12,10 +12,12 @@ four such weights are transposed on the way in and on the way out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,8 +44,30 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
+def _hub_offline() -> bool:
+    # Read at each call: huggingface_hub reads it once, at import.
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The hub cache's snapshot of `repo_id` (its main branch), if it holds a config and weights."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an unreadable cache is the same as none
+        return None
+    if not isinstance(config, str):  # None, or the marker of a file known to be missing
+        return None
+    folder = Path(config).parent
+    return folder if has_weights(folder) else None
+
+
 def _download(repo_id: str) -> Path:
-    """Fetch a hub model's config, tokenizer and weights (safetensors if it has them) into the cache."""
+    """Fetch a hub model's config, tokenizer and weights (safetensors if it has them) into the cache.
+
+    Offline (HF_HUB_OFFLINE=1, or no network) the cached snapshot is used as it is.
+    """
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub comes with tokenizers
@@ -51,14 +75,22 @@ def _download(repo_id: str) -> Path:
                         "or pass a local folder") from None
     side_files = ["config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt",
                   "tokenizer_config.json", "special_tokens_map.json"]
+    offline = _hub_offline()
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=[*side_files, "model*.safetensors",
-                                                                 "model.safetensors.index.json"]))
+        folder = Path(snapshot_download(repo_id, local_files_only=offline,
+                                        allow_patterns=[*side_files, "model*.safetensors",
+                                                        "model.safetensors.index.json"]))
         if not has_weights(folder):
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*side_files, "pytorch_model*.bin",
-                                                                     "pytorch_model.bin.index.json"]))
+            folder = Path(snapshot_download(repo_id, local_files_only=offline,
+                                            allow_patterns=[*side_files, "pytorch_model*.bin",
+                                                            "pytorch_model.bin.index.json"]))
     except Exception as error:  # huggingface_hub raises many classes; all mean "could not get it"
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        # The hub could not be asked, or the cache's file listing names files this cache never fetched
+        # (e.g. weights in a format not chosen here): a cached config and weights are enough.
+        cached = _cached_snapshot(repo_id)
+        if cached is not None:
+            return cached
+        if offline:
             raise UserError(f"{repo_id!r} is not a local path and is not in the hub cache, and the hub is "
                             "offline (HF_HUB_OFFLINE=1); download it once while online, or pass a local "
                             "folder") from None
@@ -208,30 +240,67 @@ def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torc
     return model.to(device), folder
 
 
+def model_eos_id(folder: Path) -> int | None:
+    """The end id transformers' `generate` stops at: generation_config.json's, else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"{path} is not valid JSON ({error}); re-export or re-download the model") from None
+        value = settings.get("eos_token_id") if isinstance(settings, dict) else None
+        if isinstance(value, list):  # several end ids: gpt2kids stops at one, the first
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def load_tokenizer(folder: Path) -> Tokenizer:
+    """The folder's tokenizer, its end-of-text token being the model's eos_token_id where it can be."""
     if not tokenizer_files_in(folder):
         raise UserError(f"{folder} holds no tokenizer (tokenizer.json or vocab.json + merges.txt); "
                         "pass --tokenizer")
-    return Tokenizer.from_path(folder)
+    eos_id = model_eos_id(folder)
+    tokenizer = Tokenizer.from_path(folder, eos_id=eos_id)
+    declared = tokenizer.special_tokens.get("eos_token")
+    if eos_id is not None and tokenizer.eos_id != eos_id:
+        print(f"warning: the model's eos_token_id {eos_id} is not a token of the tokenizer in {folder}; "
+              f"using its end-of-text token {tokenizer.eos_token!r} (id {tokenizer.eos_id})", file=sys.stderr)
+    elif declared is not None and declared != tokenizer.eos_token:
+        why = ("the model's eos_token_id, where transformers' generate stops" if eos_id is not None
+               else "the tokenizer lacks it")
+        print(f"warning: {folder}: the tokenizer declares eos_token {declared!r} but ends text with "
+              f"{tokenizer.eos_token!r} (id {tokenizer.eos_id}): {why}", file=sys.stderr)
+    return tokenizer
 
 
 # --- writing an HF folder -------------------------------------------------------------------------
 
-def generation_config(config: GPT2Config) -> dict[str, object]:
+def generation_config(config: GPT2Config, pad_token_id: int | None = None) -> dict[str, object]:
+    pad = pad_token_id if pad_token_id is not None else config.eos_token_id
     return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": config.eos_token_id, "do_sample": True, "max_new_tokens": 100}
+            "pad_token_id": pad, "do_sample": True, "max_new_tokens": 100}
 
 
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
            model_card: str | None = None) -> None:
     """Write an HF-format folder atomically: the old folder stays whole until the new one is done."""
     config = model.config
+    pad_id = None
+    if tokenizer is not None:
+        # Name the end id the tokenizer ended every training story with, so transformers' generate
+        # stops where gpt2kids does.
+        config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
+        pad_id = tokenizer.token_id("pad_token")
 
     def fill(folder: Path) -> None:
         save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
         atomic_write_text(folder / "generation_config.json",
-                          json.dumps(generation_config(config), indent=2) + "\n")
+                          json.dumps(generation_config(config, pad_id), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(folder, model_max_length=config.n_positions)
         if model_card is not None:

@@ -234,6 +234,8 @@ def training_state(run: Run) -> dict[str, Any]:
         "progress": dataclasses.asdict(run.progress),
         "model_config": run.model.config.to_hf_dict(),
         "tokenizer": run.tokenizer.backend.to_str(),
+        "tokenizer_special_tokens": run.tokenizer.special_tokens,
+        "tokenizer_eos_id": run.tokenizer.eos_id,
     }
 
 
@@ -460,7 +462,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     saved = checkpoint.load_latest_good(folder) if config.resume else None
     if saved is not None:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
-        tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"])
+        tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
+                                               saved.state.get("tokenizer_eos_id"))
         base_model = config.init
     else:
         model, tokenizer, base_model = build_model_and_tokenizer(config, train_stories)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import SAMPLE_TEXTS
 
@@ -57,3 +59,39 @@ def test_bad_tokenizer_paths(tmp_path):
 def test_too_small_vocab_is_refused():
     with pytest.raises(UserError, match="too small"):
         Tokenizer.train(["abc"], vocab_size=100)
+
+
+def test_declared_special_tokens_and_prefix_space_survive_a_save(tmp_path):
+    """A RoBERTa-style BPE (<s> <pad> </s> <unk> <mask>, a prefix space, no <|endoftext|>) saved and read back."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                "mask_token": "<mask>"}
+    backend.train_from_iterator(SAMPLE_TEXTS, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(specials.values()), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    original = Tokenizer(backend, specials)
+    assert original.eos_id == 2 and original.add_prefix_space
+    original.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert {role: config[role] for role in specials} == specials and config["add_prefix_space"] is True
+    for reloaded in (Tokenizer.from_path(tmp_path), Tokenizer.from_path(tmp_path / "tokenizer.json")):
+        assert reloaded.special_tokens == specials and reloaded.eos_id == 2
+        assert reloaded.encode(HARD_TEXT) == original.encode(HARD_TEXT)
+    (tmp_path / "tokenizer.json").unlink()
+    from_vocab = Tokenizer.from_path(tmp_path)
+    assert from_vocab.eos_id == 2 and from_vocab.encode(HARD_TEXT) == original.encode(HARD_TEXT)
+    assert from_vocab.encode("<s>Kancil</s>")[0] == 0  # declared specials match whole
+
+
+def test_eos_token_given_as_a_dict_and_a_bad_side_file(tmp_path, tokenizer):
+    tokenizer.save(tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": {"content": END_OF_TEXT, "lstrip": False, "rstrip": False, "normalized": False}}))
+    assert Tokenizer.from_path(tmp_path).eos_id == tokenizer.eos_id
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="tokenizer_config.json cannot be read as JSON"):
+        Tokenizer.from_path(tmp_path)
