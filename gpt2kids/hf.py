@@ -221,8 +221,11 @@ def generation_config(config: GPT2Config, **settings: object) -> dict[str, objec
 
 
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
-           model_card: str | None = None) -> None:
-    """Write an HF-format folder atomically: the old folder stays whole until the new one is done."""
+           card_files: dict[str, str] | None = None) -> None:
+    """Write an HF-format folder atomically: the old folder stays whole until the new one is done.
+
+    `card_files` maps names to texts written beside the weights: the model card's README.md and loss.svg.
+    """
     config = model.config
 
     def fill(folder: Path) -> None:
@@ -232,7 +235,7 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
                           json.dumps(generation_config(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(folder, model_max_length=config.n_positions)
-        if model_card is not None:
-            atomic_write_text(folder / "README.md", model_card)
+        for name, text in (card_files or {}).items():
+            atomic_write_text(folder / name, text)
 
     replace_folder(out_dir, fill)

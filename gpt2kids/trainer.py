@@ -344,8 +344,8 @@ class Trainer:
 
     # --- exports -------------------------------------------------------------------------------
 
-    def card(self, which: str) -> str:
-        config, dataset = self.config, self.dataset
+    def card(self, which: str) -> dict[str, str]:
+        config, dataset, progress = self.config, self.dataset, self.progress
         data_name = config.data or "the bundled gpt2kids Indonesian children's stories"
         hyperparameters = {
             "base model": self.base_model, "epochs": config.epochs, "micro-batch": config.batch_size,
@@ -358,16 +358,28 @@ class Trainer:
         }
         description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
                        f"{dataset.train.token_count:,} tokens), {dataset.eval_stories} held out")
-        note = {"best": "This is the checkpoint with the lowest validation loss.",
-                "final": f"This is the model after step {self.progress.step} of {self.total_steps}."}[which]
-        return model_card.render(title=f"gpt2kids: {Path(self.run_dir).name} ({which})", base_model=self.base_model,
-                                 data_description=description, hyperparameters=hyperparameters,
-                                 history=self.progress.history, note=note)
+        history = list(progress.history)
+        at_epoch_end = progress.step_in_epoch == self.plan.steps_per_epoch
+        if which == "best" and at_epoch_end:  # best/ is exported before finish_epoch records this epoch's row
+            eval_loss = progress.best_eval_loss
+            history.append({"epoch": progress.epoch + 1, "step": progress.step,
+                            "train_loss": progress.epoch_loss_sum / max(progress.epoch_tokens, 1),
+                            "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))})
+        epoch = progress.epoch + 1 if progress.step_in_epoch else progress.epoch
+        stopped = (f"--max-steps {config.max_steps}" if which == "final" and config.max_steps is not None
+                   and progress.step < self.total_steps else None)
+        facts = model_card.CardFacts(
+            title=f"gpt2kids: {Path(self.run_dir).name} ({which})", base_model=self.base_model,
+            data_description=description, hyperparameters=hyperparameters, history=history, export=which,
+            epoch=epoch, step=progress.step, total_steps=self.total_steps, stopped_early=stopped,
+            eval_loss=progress.best_eval_loss if which == "best" else None,
+            **({"dataset_name": Path(config.data).name} if config.data else {}))
+        return model_card.card_files(facts)
 
     def export(self, which: str) -> None:
         if self.dist.is_main:
             try:
-                export(self.model, self.tokenizer, self.run_dir / which, model_card=self.card(which))
+                export(self.model, self.tokenizer, self.run_dir / which, card_files=self.card(which))
             except OSError as error:
                 raise UserError(f"{describe_os_error(error, self.run_dir / which)}; the previous export is "
                                 "untouched") from None
