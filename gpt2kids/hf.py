@@ -286,8 +286,11 @@ def generation_config(config: GPT2Config, pad_token_id: int | None = None) -> di
 
 
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
-           model_card: str | None = None) -> None:
-    """Write an HF-format folder atomically: the old folder stays whole until the new one is done."""
+           card_files: dict[str, str] | None = None) -> None:
+    """Write an HF-format folder atomically: the old folder stays whole until the new one is done.
+
+    `card_files` maps names to texts written beside the weights: the model card's README.md and loss.svg.
+    """
     config = model.config
     pad_id = None
     if tokenizer is not None:
@@ -303,7 +306,7 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
                           json.dumps(generation_config(config, pad_id), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(folder, model_max_length=config.n_positions)
-        if model_card is not None:
-            atomic_write_text(folder / "README.md", model_card)
+        for name, text in (card_files or {}).items():
+            atomic_write_text(folder / name, text)
 
     replace_folder(out_dir, fill)

@@ -260,7 +260,7 @@ def save_checkpoint(run: Run) -> None:
 
 def save_export(run: Run, which: str) -> None:
     if run.dist.is_main:
-        export(run.model, run.tokenizer, run.folder / which, model_card=model_card.for_run(run, which))
+        export(run.model, run.tokenizer, run.folder / which, card_files=model_card.for_run(run, which))
     run.dist.barrier()
 
 
@@ -424,7 +424,11 @@ def push_export(run: Run) -> None:
     from gpt2kids.push import push_export as push
 
     which = run.folder / ("best" if (run.folder / "best").is_dir() else "final")
-    url = push(which, run.config.push_to_hub, private=run.config.private)
+    try:
+        url = push(which, run.config.push_to_hub, private=run.config.private)
+    except UserError as error:
+        raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {run.folder} "
+                        f"{run.config.push_to_hub}") from None
     run.reporter.say(f"pushed {which} to {url}")
 
 
@@ -476,6 +480,10 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
                         f"use --block-size {model.config.n_positions} or less")
     config.block_size = block_size
     dataset = data.build_dataset(train_stories, eval_stories, tokenizer, block_size)
+    if config.push_to_hub and dist.is_main:
+        from gpt2kids.push import check_can_push
+
+        check_can_push(config.push_to_hub)  # no token, or offline: say so now, not after the last epoch
     if dist.is_main and not config.resume:
         run_folder.write_settings(folder, config)  # the run folder appears only now, every input checked
     dist.barrier()

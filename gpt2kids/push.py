@@ -1,0 +1,119 @@
+"""Upload an export to the Hugging Face hub: `python -m gpt2kids.push PATH REPO_ID [--private]`.
+
+PATH is an export folder, or a run folder (then its `best/`, else `final/`). The folder is checked to
+be complete before anything is sent; nothing local is changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gpt2kids.errors import ArgumentParser, UserError, run_cli
+from gpt2kids.tokenizer import tokenizer_files_in
+
+IGNORED = [".*"]  # hidden files: temporary debris of an interrupted write, editor files
+
+
+def export_folder(path: str | Path) -> Path:
+    """The export to upload: `path` itself, or a run folder's `best/`, else its `final/`; checked complete."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; pass an export (runs/NAME/best) or a run folder (runs/NAME)")
+    if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
+        folder = path  # an export, complete or not
+    else:
+        folder = next((path / name for name in ("best", "final") if (path / name / "config.json").is_file()), None)
+        if folder is None:
+            raise UserError(f"{path} holds no config.json and no best/ or final/ export; pass a gpt2kids run "
+                            "folder or an export folder")
+    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+    if not tokenizer_files_in(folder):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if not (folder / "README.md").is_file():
+        missing.append("README.md (the model card)")
+    if missing:
+        raise UserError(f"{folder} is not a complete gpt2kids export: it lacks {', '.join(missing)}; pass a run "
+                        "folder or its best/ or final/ export")
+    return folder
+
+
+def _offline() -> bool:
+    # Read at call time: huggingface_hub reads it once, when it is first imported.
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_error(error: Exception, repo_id: str) -> UserError:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status == 401:
+        return UserError("the Hugging Face hub refused the token (401 Unauthorized): run `hf auth login` again "
+                         "or set a valid HF_TOKEN")
+    if isinstance(error, HfHubHTTPError) and status == 403:
+        return UserError(f"the token may not write to {repo_id} (403 Forbidden): use a token with write access, "
+                         "and a repo under your own name or an organisation you belong to")
+    return UserError(f"the upload to {repo_id} failed ({reason}); check your network and retry")
+
+
+def check_can_push(repo_id: str) -> str:
+    """Everything that can fail before a byte is sent (the repo id, offline mode, the token); returns the token.
+
+    The trainer calls it before training when --push-to-hub is given, so a run does not end in a refusal.
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"{repo_id!r} is not a hub repo id ({error}); use owner/name, e.g. "
+                        "yourname/gpt2-indo-kids-stories") from None
+    if _offline():
+        raise UserError("the Hugging Face hub is offline here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
+                        "unset it and retry")
+    try:
+        token = get_token()
+    except Exception as error:  # e.g. an OIDC exchange that failed
+        raise UserError(f"could not get a Hugging Face token ({error}); run `hf auth login` or set HF_TOKEN") from None
+    if not token:
+        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access)")
+    return token
+
+
+def push_export(folder: Path, repo_id: str, private: bool = False, api: Any = None) -> str:
+    """Upload `folder` (an export, or a run folder) to the hub model repo `repo_id`; returns the repo URL.
+
+    The repo is created if needed; `private` applies only to a repo created here. The token comes from
+    HF_TOKEN or the one `hf auth login` stored. `api` (an `HfApi`) is for tests.
+    """
+    from huggingface_hub import HfApi
+
+    folder = export_folder(folder)
+    token = check_can_push(repo_id)
+    api = api if api is not None else HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", ignore_patterns=IGNORED,
+                          commit_message=f"Upload {folder.name}/ from gpt2kids")
+    except Exception as error:  # huggingface_hub and its HTTP client raise many classes; all mean "not sent"
+        raise _hub_error(error, repo_id) from None
+    return str(url)
+
+
+def main() -> None:
+    parser = ArgumentParser(prog="python -m gpt2kids.push",
+                            description="Upload a gpt2kids export (with its model card) to the Hugging Face hub.")
+    parser.add_argument("path", metavar="PATH", help="an export folder, or a run folder (its best/, else final/)")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="the hub model repo, owner/name")
+    parser.add_argument("--private", action="store_true", help="make the repo private if it is created here")
+    args = parser.parse_args()
+    print(push_export(Path(args.path), args.repo_id, private=args.private))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,165 @@
+"""`python -m gpt2kids.push`: what it would send to the hub, checked at huggingface_hub's API boundary."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+
+from gpt2kids.errors import UserError
+from gpt2kids.push import export_folder, push_export
+
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                "loss.svg")
+
+
+def fake_export(folder: Path, skip: tuple[str, ...] = ()) -> Path:
+    """An export folder's files; push only checks which are there, so their content is a marker."""
+    folder.mkdir(parents=True)
+    for name in EXPORT_FILES:
+        if name not in skip:
+            (folder / name).write_text(f"{folder.name}/{name}")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Record HfApi.create_repo / upload_folder calls, bound to the real signatures so a wrong keyword fails."""
+    calls: list[tuple[str, dict]] = []
+
+    def recorder(name: str, result):
+        signature = inspect.signature(getattr(HfApi, name))
+
+        def method(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            calls.append((name, {k: v for k, v in bound.arguments.items() if k != "self"}))
+            return result
+        return method
+
+    monkeypatch.setattr(HfApi, "create_repo", recorder("create_repo", "https://huggingface.co/me/kids"))
+    monkeypatch.setattr(HfApi, "upload_folder", recorder("upload_folder", None))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    return calls
+
+
+def test_a_run_folder_pushes_best_privately_and_sends_the_export_files(tmp_path, hub):
+    run = tmp_path / "run"
+    fake_export(run / "best")
+    fake_export(run / "final")
+    (run / "best" / ".README.md.x1.tmp").write_text("debris of a killed write")
+    before = snapshot(run)
+
+    url = push_export(run, "me/kids", private=True)
+
+    assert url == "https://huggingface.co/me/kids"
+    assert [name for name, _ in hub] == ["create_repo", "upload_folder"]
+    [(_, create), (_, upload)] = hub
+    assert create == {"repo_id": "me/kids", "private": True, "exist_ok": True, "repo_type": "model"}
+    assert Path(upload["folder_path"]) == run / "best" and upload["repo_id"] == "me/kids"
+    assert upload["repo_type"] == "model"
+    # The files huggingface_hub would send, filtered as upload_folder filters them.
+    local = [str(path.relative_to(run / "best")) for path in (run / "best").rglob("*") if path.is_file()]
+    sent = set(filter_repo_objects(local, allow_patterns=upload.get("allow_patterns"),
+                                   ignore_patterns=upload.get("ignore_patterns")))
+    assert sent == set(EXPORT_FILES)
+    assert snapshot(run) == before
+
+
+def test_public_by_default_and_final_when_there_is_no_best(tmp_path, hub):
+    fake_export(tmp_path / "run" / "final")
+    push_export(tmp_path / "run", "me/kids")
+    [(_, create), (_, upload)] = hub
+    assert create["private"] is False and Path(upload["folder_path"]) == tmp_path / "run" / "final"
+
+
+def test_an_export_folder_is_pushed_as_it_is(tmp_path):
+    folder = fake_export(tmp_path / "my-export", skip=("tokenizer.json",))
+    (folder / "vocab.json").write_text("{}")
+    (folder / "merges.txt").write_text("")
+    assert export_folder(folder) == folder
+
+
+class FailingApi:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.uploads = 0
+
+    def create_repo(self, *args, **kwargs):
+        raise self.error
+
+    def upload_folder(self, **kwargs):  # pragma: no cover - never reached
+        self.uploads += 1
+
+
+def http_error(status: int) -> HfHubHTTPError:
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    return HfHubHTTPError(f"{status} Client Error", response=httpx.Response(status, request=request))
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (http_error(401), "run `hf auth login` again or set a valid HF_TOKEN"),
+    (http_error(403), "may not write to me/kids (403 Forbidden)"),
+    (http_error(500), "the upload to me/kids failed (500 Client Error); check your network"),
+    (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"), "check your network and retry"),
+], ids=["401", "403", "500", "no network"])
+def test_hub_errors_become_one_line(tmp_path, hub, error, expected):
+    fake_export(tmp_path / "best")
+    api = FailingApi(error)
+    with pytest.raises(UserError) as raised:
+        push_export(tmp_path / "best", "me/kids", api=api)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+    assert api.uploads == 0
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def push_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
+    environment.update({"PYTHONPATH": str(REPO), "HF_HOME": env.pop("HF_HOME"), **env})
+    return subprocess.run([sys.executable, "-m", "gpt2kids.push", *args], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("offline", "the Hugging Face hub is offline here"),
+    ("no token", "no Hugging Face token: run `hf auth login` or set HF_TOKEN"),
+    ("missing", "is not a folder; pass an export"),
+    ("incomplete", "lacks model.safetensors, README.md (the model card)"),
+    ("bad repo id", "is not a hub repo id"),
+    ("no export", "holds no config.json and no best/ or final/ export"),
+])
+def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case, expected):
+    home = tmp_path / "hf-home"  # empty: no stored token
+    home.mkdir()
+    run = tmp_path / "run"
+    if case == "no export":
+        (run / "checkpoint").mkdir(parents=True)  # a run killed before its first export
+    else:
+        fake_export(run / "best", skip=("model.safetensors", "README.md") if case == "incomplete" else ())
+    before = snapshot(tmp_path)
+    path = str(tmp_path / "nowhere") if case == "missing" else str(run)
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if case == "offline" else "0"}
+    if case == "offline":
+        env["HF_TOKEN"] = "hf_test_token_not_real"
+    result = push_cli(path, "me/--bad" if case == "bad repo id" else "me/kids", **env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert snapshot(tmp_path) == before
