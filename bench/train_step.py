@@ -3,7 +3,7 @@
 Both sides start from the same random-init HF folder (GPT-2 Small shapes, or `--model-size tiny`)
 and train on the same blocks of the bundled stories, in the same order:
 
-- gpt2kids: `build_trainer` + `Trainer.train_step`, dropout 0, constant lr 5e-5, clip 1.0;
+- gpt2kids: `prepare_run` + `optimizer_step`, dropout 0, constant lr 5e-5, clip 1.0;
 - transformers: `GPT2LMHeadModel` in a plain loop with the same settings: dropout 0, the same
   precision (torch.autocast), fused AdamW (lr 5e-5, no weight decay), clip 1.0, `labels=`;
 - with `--hf-defaults`, also transformers with dropout 0.1 in fp32 (what the HF Trainer runs by default);
@@ -108,20 +108,22 @@ class GPT2KidsSide:
     """gpt2kids' own loop: exactly what `python train.py` runs per step."""
 
     def __init__(self, args: argparse.Namespace, precision: str, dropout: float) -> None:
-        from gpt2kids.trainer import TrainConfig, build_trainer
+        from gpt2kids.train_config import TrainConfig
+        from gpt2kids.training import optimizer_step, prepare_run
 
         config = TrainConfig(init=str(args.folder), out=str(args.folder.parent / "gpt2kids-run"), epochs=1,
                              batch_size=args.batch, block_size=args.block, lr=LR, schedule="constant",
                              max_grad_norm=MAX_GRAD_NORM, precision=precision, device=args.device,
                              compile=args.compile, seed=SEED, dropout=dropout)
-        self.trainer = build_trainer(config)
-        self.trainer.model.train()
-        self.device = self.trainer.device
-        self.order = data.epoch_order(len(self.trainer.dataset.train), SEED, 0)
+        self.run = prepare_run(config)
+        self.run.model.train()
+        self.device = self.run.device
+        self.order = data.epoch_order(len(self.run.dataset.train), SEED, 0)
+        self.optimizer_step = optimizer_step
 
     def step(self, index: int) -> float:
-        plan = self.trainer.plan
-        return self.trainer.train_step(plan.step_blocks(self.order, index % plan.steps_per_epoch)).loss
+        plan = self.run.plan
+        return self.optimizer_step(self.run, plan.step_blocks(self.order, index % plan.steps_per_epoch)).loss
 
 
 class TransformersSide:

@@ -338,12 +338,12 @@ def test_generate_greedy_equals_transformers_and_stops_at_the_declared_end(fine_
 def test_a_resumed_run_keeps_the_declared_special_tokens(base_model, corpus, tmp_path):
     from conftest import config_for
 
-    from gpt2kids.trainer import build_trainer, train
+    from gpt2kids.training import prepare_run, train
 
     name, folder = base_model
     settings = dict(epochs=1, batch_size=2, block_size=32)
     train(config_for(folder, corpus, tmp_path / "run", max_steps=1, **settings))
-    resumed = build_trainer(config_for(folder, corpus, tmp_path / "run", resume=True, max_steps=2, **settings))
+    resumed = prepare_run(config_for(folder, corpus, tmp_path / "run", resume=True, max_steps=2, **settings))
     assert resumed.tokenizer.eos_token == VARIANTS[name]["eos"]
     assert resumed.tokenizer.special_tokens == DECLARED[name]
 

@@ -156,7 +156,7 @@ def test_export_writes_the_card_files_into_the_folder(tmp_path, tokenizer):
 
 
 def test_a_training_run_writes_cards_for_best_and_final(tmp_path, init_folder, corpus):
-    from gpt2kids.trainer import train
+    from gpt2kids.training import train
 
     out = tmp_path / "run"
     progress = train(config_for(init_folder, corpus, out, epochs=2, block_size=32, batch_size=8))
