@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from gpt2kids.config import GPT2Config
+from gpt2kids.decode_loop import generate
 from gpt2kids.decoding_kernels import HalvesLinear, OneRowLinear, optimize_for_decoding, without_onednn
 from gpt2kids.hf import load_model
-from gpt2kids.logits_processors import SamplingSettings, generate
+from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 
 VOCAB = 101  # odd, like GPT-2's 50257: the LM head has a column left over after the halves
