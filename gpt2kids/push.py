@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gpt2kids.errors import ArgumentParser, UserError, run_cli
+from gpt2kids.cli import ArgumentParser, run_cli
+from gpt2kids.errors import UserError
 from gpt2kids.tokenizer import tokenizer_files_in
 
 IGNORED = [".*"]  # hidden files: temporary debris of an interrupted write, editor files

@@ -77,25 +77,70 @@ def test_greedy_and_empty_prompt(model_folder):
     assert jsonl(run(*args)) == records
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_greedy_cli_gives_the_tokens_of_transformers(model_folder, precision):
-    """The whole CLI path, the decode-time weight layouts included, against transformers' generate."""
+def transformers_greedy(model_folder, prompt_ids, dtype, steps):
+    """transformers' greedy tokens and each step's logits (fp32 copies)."""
     from transformers import GPT2LMHeadModel
 
+    reference = GPT2LMHeadModel.from_pretrained(model_folder, dtype=dtype).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                                 pad_token_id=-1, eos_token_id=None, output_logits=True,
+                                 return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits).float()
+
+
+def test_greedy_cli_gives_the_tokens_of_transformers_in_fp32(model_folder):
+    """The whole CLI path, the decode-time weight layouts included, against transformers' generate."""
     prompt = "Pada suatu hari"
     [record] = jsonl(run(prompt, "--model", str(model_folder), "--greedy", "--format", "jsonl",
-                         "--max-new-tokens", "20", "--precision", precision))
+                         "--max-new-tokens", "20", "--precision", "fp32"))
     tokenizer = Tokenizer.from_path(model_folder)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    reference = GPT2LMHeadModel.from_pretrained(model_folder, dtype=dtype).eval()
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    with torch.inference_mode():
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
-                                 pad_token_id=tokenizer.eos_id)
-    new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.eos_id]
+    tokens, _ = transformers_greedy(model_folder, tokenizer.encode(prompt), torch.float32, 20)
+    new = tokens[:tokens.index(tokenizer.eos_id)] if tokenizer.eos_id in tokens else tokens
     assert len(new) >= 10  # a real continuation, not an early end-of-text
     assert record["completion"] == tokenizer.decode(new)
     assert record["new_tokens"] == len(new)
+
+
+# bf16 logits: both sides round every matmul's operands and result to 8 significant bits and add in
+# their own orders; a few roundings of 2**-8 relative to the logits' scale.
+BF16_LOGIT_TOLERANCE = 4 * 2.0 ** -8
+
+
+def test_bf16_decoding_gives_the_logits_of_transformers_and_its_tokens_where_they_are_clear(model_folder):
+    """One prompt, one token a step: the one-row bf16 kernels, step by step on transformers' own tokens."""
+    from gpt2kids.decode_loop import next_token_scores
+    from gpt2kids.model import KVCache
+    from gpt2kids.text_generation import StoryGenerator
+
+    prompt, steps = "Pada suatu hari", 30
+    generator = StoryGenerator.load(str(model_folder), "cpu", "bf16")
+    model, tokenizer = generator.model, generator.tokenizer
+    prompt_ids = tokenizer.encode(prompt)
+    tokens, theirs = transformers_greedy(model_folder, prompt_ids, torch.bfloat16, steps)
+    cache = KVCache(model.config, 1, len(prompt_ids) + steps, "cpu", torch.bfloat16)
+    with torch.inference_mode():
+        ours = [next_token_scores(model, torch.tensor([prompt_ids]), cache, None, None)]
+        for token in tokens[:-1]:
+            ours.append(next_token_scores(model, torch.tensor([[token]]), cache, None, None))
+    ours = torch.cat(ours)
+    scale = theirs.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+    assert ((ours - theirs).abs() <= BF16_LOGIT_TOLERANCE * scale).all()
+    # Where transformers' best token leads by more than both sides' rounding, ours is the same token.
+    top2 = theirs.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_LOGIT_TOLERANCE * scale[:, 0]
+    assert clear.sum() >= steps // 2  # the comparison covers most steps
+    assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+    # And the CLI's own bf16 decode follows transformers up to the first step that is not clear.
+    [record] = jsonl(run(prompt, "--model", str(model_folder), "--greedy", "--format", "jsonl",
+                         "--max-new-tokens", str(steps), "--precision", "bf16"))
+    agreed = tokens[:int(clear.long().cumprod(0).sum())]
+    if tokenizer.eos_id in agreed:  # generate.py stops there
+        agreed = agreed[:agreed.index(tokenizer.eos_id)]
+    assert len(agreed) >= 5
+    assert record["completion"].startswith(tokenizer.decode(agreed))
 
 
 def test_long_prompt_keeps_its_end_with_a_warning(model_folder):
