@@ -7,6 +7,8 @@ POINT is where the process kills itself with SIGKILL (or signals itself) the N-t
   eval        inside the N-th evaluation, at its first forward
   checkpoint  during the N-th checkpoint write, after the weights file is written
   swap        between the two renames of the N-th checkpoint swap
+  best-swap, final-swap   between the two renames of the N-th export swap of best/ (final/): the old
+              export has just been moved aside to best.old (final.old) and the new one is not in yet
   sigint, sigterm   the signal arrives inside optimizer step N (the run should save and stop)
 """
 
@@ -78,6 +80,16 @@ def inject(point: str, when: int) -> None:
         def replace(source, target):
             original_replace(source, target)
             if Path(target).name == checkpoint.PREVIOUS and reached():
+                die()
+
+        atomic_files.os.replace = replace
+    elif point in ("best-swap", "final-swap"):
+        aside = point.removesuffix("-swap") + ".old"
+        original_replace = atomic_files.os.replace
+
+        def replace(source, target):
+            original_replace(source, target)
+            if Path(target).name == aside and reached():
                 die()
 
         atomic_files.os.replace = replace

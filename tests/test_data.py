@@ -115,3 +115,32 @@ def test_step_plan_covers_each_block_once_per_epoch_and_ranks_split_micro_batche
     assert sorted(seen) == list(range(23))
     assert torch.equal(data.epoch_order(23, 1, 0), order)
     assert not torch.equal(data.epoch_order(23, 1, 1), order)
+
+
+def test_token_cache_is_keyed_by_the_tokenizer_too(tokenizer, tmp_path, monkeypatch):
+    from conftest import SAMPLE_TEXTS
+
+    from gpt2kids.tokenizer import Tokenizer
+
+    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path))
+    stories = ["Kancil melompat ke seberang sungai.", "Sari pergi ke pasar bersama ibunya."]
+    other = Tokenizer.train(SAMPLE_TEXTS, vocab_size=300)
+    expected = {}
+    for name, tok in (("session", tokenizer), ("other", other)):
+        expected[name] = [token for story in stories for token in [*tok.encode(story), tok.eos_id]]
+    assert expected["session"] != expected["other"]  # the two tokenizers really split the stories differently
+
+    first = data.tokenize_stories(stories, tokenizer)
+    second = data.tokenize_stories(stories, other)  # a cache keyed by the stories alone would return `first`
+    assert first.tolist() == expected["session"] and second.tolist() == expected["other"]
+    assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 2
+    assert data.cache_key(stories, tokenizer) != data.cache_key(stories, other)
+
+    def no_tokenizing(_texts):
+        raise AssertionError("tokenized again despite the cache")
+
+    for tok in (tokenizer, other):
+        monkeypatch.setattr(tok, "encode_batch", no_tokenizing)
+    # Both now come from the cache, each with its own tokenizer's ids.
+    assert data.tokenize_stories(stories, tokenizer).tolist() == expected["session"]
+    assert data.tokenize_stories(stories, other).tolist() == expected["other"]

@@ -194,3 +194,39 @@ def test_stream_never_prints_half_a_character():
     stream([None])
     stream.finish()
     assert out.getvalue() == "A: Roket 🚀 terbang\n"
+
+
+def run_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """generate.py started from another folder, as a user would from their project."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **env}
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, encoding="utf-8", timeout=120)
+
+
+def test_without_model_the_newest_export_under_runs_is_loaded(model_folder, tmp_path):
+    import shutil
+
+    for index, name in enumerate(["a/final", "b/best"]):
+        shutil.copytree(model_folder, tmp_path / "runs" / name)
+        os.utime(tmp_path / "runs" / name / "config.json", (1_000_000 + index,) * 2)
+    args = ["Budi suka", "--max-new-tokens", "3", "--precision", "fp32", "--format", "jsonl"]
+    for newest in ("b/best", "a/final"):  # neither "best first" nor "last by name" picks both
+        os.utime(tmp_path / "runs" / newest / "config.json", (2_000_000 if newest == "a/final" else 1_500_000,) * 2)
+        result = run_in(tmp_path, *args)
+        assert result.returncode == 0, result.stderr
+        first = result.stderr.splitlines()[0]
+        assert first.startswith(f"model: {Path('runs') / newest} on ") and "newest export under runs/" in first, \
+            result.stderr
+        assert len(jsonl(result)) == 1
+
+
+def test_without_model_or_runs_the_published_model_is_named(tmp_path):
+    from gpt2kids.text_generation import HUB_DEFAULT
+
+    assert HUB_DEFAULT == "bookbot/gpt2-indo-small-kids-stories"
+    # An empty hub cache, offline: the fallback must be asked for by name, and fail in one line.
+    result = run_in(tmp_path, "Halo", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and HUB_DEFAULT in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -143,3 +143,43 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_fol
     assert checkpoint.damage_in(out / "checkpoint") is None
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 10
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def unbroken_exports(tmp_path_factory, init_folder, corpus):
+    """best/ and final/ of the unbroken reference run (weights by export)."""
+    out = tmp_path_factory.mktemp("unbroken-exports") / "run"
+    result = run_train(*flags(init_folder, corpus, out))
+    assert result.returncode == 0, result.stderr
+    return {which: load_file(out / which / "model.safetensors") for which in ("best", "final")}
+
+
+@pytest.mark.parametrize("which", ["best", "final"])
+def test_sigkill_between_the_renames_of_an_export_swap(tmp_path, init_folder, corpus, unbroken, unbroken_exports,
+                                                       which):
+    out = tmp_path / "run"
+    if which == "best":
+        # The first time best/ is replaced: the evaluation at step 20 improved on step 10's.
+        killed = run_with_fault("best-swap:1", flags(init_folder, corpus, out))
+    else:
+        # final/ is only replaced when a run that stopped at --max-steps is resumed: at its very end.
+        assert run_train(*flags(init_folder, corpus, out, "--max-steps", "20")).returncode == 0
+        killed = run_with_fault("final-swap:1", ["--out", str(out), "--resume"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # The kill fell between the two renames: the old export is aside, none is in place.
+    assert (out / f"{which}.old").is_dir() and not (out / which).exists()
+    if which == "best":
+        # A resume that stops before the next evaluation shows the recovery alone: the export moved
+        # aside is back in place, whole.
+        aside = {p.name: p.read_bytes() for p in (out / "best.old").iterdir()}
+        assert run_train("--out", str(out), "--resume", "--max-steps", "11").returncode == 0
+        assert {p.name: p.read_bytes() for p in (out / "best").iterdir()} == aside
+        assert not (out / "best.old").exists()
+
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_unbroken(out, unbroken)
+    for export_name, reference in unbroken_exports.items():
+        for key, value in load_file(out / export_name / "model.safetensors").items():
+            assert torch.equal(value, reference[key]), (export_name, key)
+    assert not list(out.glob("*.old")) and not list(out.glob(".*.tmp")), sorted(p.name for p in out.iterdir())

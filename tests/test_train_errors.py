@@ -58,7 +58,6 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--schedule", "exponential"], "argument --schedule: invalid choice"),
     (["--precision", "fp8"], "argument --precision: invalid choice"),
     (["--block-size", "1000"], "--block-size 1000 exceeds the model's context of 128"),
-    (["--device", "cuda"], "no CUDA GPU is available"),
     (["--device", "tpu"], "is not"),
 ])
 def test_bad_flags(capsys, tmp_path, base, extra, message):
@@ -118,3 +117,16 @@ def test_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: --batch-size must be positive, got -3\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "asked for CUDA but no CUDA GPU is available; use --device cpu"),
+    ("cuda:3", 2, "--device cuda:3: there are only 2 CUDA devices"),
+])
+def test_cuda_that_is_not_there(capsys, tmp_path, base, monkeypatch, device, gpus, message):
+    """The GPUs are faked, so this holds on machines with and without one."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    fails_cleanly(capsys, tmp_path, [*base, "--device", device], message)
