@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -90,8 +91,17 @@ def interact(generator: StoryGenerator, settings: SamplingSettings, output_forma
         write_stories(generator, [line.rstrip("\n")], settings, output_format, seed)
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Prompts may come before or after the flags; everything after `--` is a prompt, even "-Halo"."""
+    argv = list(argv)
+    after = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_intermixed_args(argv[:after])
+    args.prompts += argv[after + 1:]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = settings_from(args)
     settings.validate()
     prompts = list(args.prompts)

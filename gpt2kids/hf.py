@@ -35,6 +35,8 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 STALE_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the dot keeps c_attn.bias out
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+OFFLINE_DEMO = ("with no network, the CPU demo needs no download: python train.py --init scratch --model-size tiny "
+                "--epochs 1 --lr 1e-3 --out runs/demo, then python generate.py --model runs/demo \"Pada suatu hari\"")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -92,11 +94,12 @@ def _download(repo_id: str) -> Path:
             return cached
         if offline:
             raise UserError(f"{repo_id!r} is not a local path and is not in the hub cache, and the hub is "
-                            "offline (HF_HUB_OFFLINE=1); download it once while online, or pass a local "
-                            "folder") from None
+                            f"offline (HF_HUB_OFFLINE=1); download it once while online, or pass a local "
+                            f"folder; {OFFLINE_DEMO}") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face "
-                        f"hub ({reason}); check the id, your network, or pass a local folder") from None
+                        f"hub ({reason}); check the id, your network, or pass a local folder; "
+                        f"{OFFLINE_DEMO}") from None
     return folder
 
 

@@ -75,7 +75,7 @@ class TrainConfig:
     def validate(self) -> None:
         def positive(name: str) -> None:
             value = getattr(self, name)
-            if value is not None and not value > 0:
+            if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
         for name in ("epochs", "batch_size", "grad_accum", "block_size", "lr", "eval_every", "save_every",

@@ -42,16 +42,27 @@ def tokenizer():
     return Tokenizer.train(SAMPLE_TEXTS, vocab_size=400)
 
 
+def randomise(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Every parameter random: the weight matrices are already (GPT-2's N(0, 0.02)); biases and
+    LayerNorms are drawn too, so a swapped ln_1/ln_2 or a dropped bias changes the logits, which a fresh
+    initialisation (biases 0, LayerNorms the identity) would hide."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                parameter.normal_(1.0 if ".ln_" in name and name.endswith(".weight") else 0.0, std)
+    return model
+
+
 def hf_model(vocab_size: int = 101, n_positions: int = 64, n_embd: int = 48, n_layer: int = 2,
              n_head: int = 4, **extra):
-    """A randomly initialised transformers GPT2LMHeadModel, in eval mode."""
+    """A transformers GPT2LMHeadModel with every parameter random, in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     eos = vocab_size - 1
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=eos, eos_token_id=eos, **extra)
     torch.manual_seed(1234)
-    return GPT2LMHeadModel(config).eval()
+    return randomise(GPT2LMHeadModel(config)).eval()
 
 
 @pytest.fixture
@@ -95,7 +106,7 @@ def init_folder(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    randomise(GPT2LMHeadModel(config)).save_pretrained(folder)
     tokenizer.save(folder)
     return folder
 

@@ -144,3 +144,16 @@ def test_token_cache_is_keyed_by_the_tokenizer_too(tokenizer, tmp_path, monkeypa
     # Both now come from the cache, each with its own tokenizer's ids.
     assert data.tokenize_stories(stories, tokenizer).tolist() == expected["session"]
     assert data.tokenize_stories(stories, other).tolist() == expected["other"]
+
+
+def test_a_folder_gives_its_txt_files_and_skips_hidden_folders(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("Judul A\n\nIsi A.", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("Judul B\n\nIsi B.", encoding="utf-8")
+    (tmp_path / "README.md").write_text("# not a story", encoding="utf-8")
+    (tmp_path / "notes.json").write_text("{}", encoding="utf-8")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD.txt").write_text("ref: refs/heads/main", encoding="utf-8")
+    assert data.read_stories(tmp_path) == ["Judul A\n\nIsi A.", "Judul B\n\nIsi B."]
+    warning = capsys.readouterr().err
+    assert "skipped 2 other file(s)" in warning and "README.md" in warning and "HEAD" not in warning

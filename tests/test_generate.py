@@ -67,7 +67,7 @@ def test_text_streams_only_generated_text(model_folder):
     records = jsonl(run(*common, "--format", "jsonl"))
     # Each sequence is its prompt and continuation, with a blank line between sequences.
     assert text.stdout == "\n\n".join(record["text"] for record in records) + "\n"
-    assert "loading" in text.stderr and "tokens/s" in text.stderr
+    assert text.stderr.startswith("model: ") and "tokens/s" in text.stderr
 
 
 def test_greedy_and_empty_prompt(model_folder):
@@ -230,3 +230,59 @@ def test_without_model_or_runs_the_published_model_is_named(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and HUB_DEFAULT in lines[0], result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_prompt_that_starts_with_a_dash_comes_after_double_dash(model_folder):
+    [record] = jsonl(run("--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "3", "--",
+                         "-Halo, kata si Kancil."))
+    assert record["prompt"] == "-Halo, kata si Kancil."
+
+
+def test_help_shows_defaults_and_examples():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "(default: 100)" in result.stdout and "(default: 50)" in result.stdout  # --max-new-tokens, --top-k
+    assert "examples:" in result.stdout and 'python generate.py -- "-Halo' in result.stdout
+    train_help = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+    assert "(default: 5e-05)" in train_help.stdout and "examples:" in train_help.stdout
+
+
+def test_prompts_file_gives_one_record_per_prompt_in_order(model_folder, tmp_path):
+    prompts = [f"Cerita nomor {number}" + " dan" * (number % 7) for number in range(1000)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    records = jsonl(run("--model", str(model_folder), "--prompts-file", str(tmp_path / "prompts.jsonl"),
+                        "--format", "jsonl", "--max-new-tokens", "2", "--greedy", "--precision", "fp32"))
+    assert [record["prompt"] for record in records] == prompts
+    # Batching changes nothing: a prompt decoded within its batch gives what it gives alone.
+    [alone] = jsonl(run(prompts[123], "--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "2",
+                        "--greedy", "--precision", "fp32"))
+    assert records[123] == alone
+
+
+def test_prompts_from_a_text_file_and_standard_input_add_to_the_arguments(model_folder, tmp_path):
+    (tmp_path / "prompts.txt").write_text("Satu\n\nDua\n", encoding="utf-8")
+    common = ["--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "2"]
+    records = jsonl(run("Nol", *common, "--prompts-file", str(tmp_path / "prompts.txt")))
+    assert [record["prompt"] for record in records] == ["Nol", "Satu", "Dua"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    piped = subprocess.run([sys.executable, "generate.py", *common, "--prompts-file", "-"], cwd=REPO, env=env,
+                           input="Tiga\nEmpat\n", capture_output=True, text=True, timeout=120)
+    assert [record["prompt"] for record in jsonl(piped)] == ["Tiga", "Empat"]
+
+
+def test_interactive_continues_each_line_with_the_model_loaded_once(model_folder):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "generate.py", "--interactive", "--model", str(model_folder),
+                             "--format", "jsonl", "--max-new-tokens", "3", "--greedy"], cwd=REPO, env=env,
+                            input="Satu\nDua\n\nTiga\n", capture_output=True, text=True, timeout=120)
+    records = jsonl(result)
+    assert [record["prompt"] for record in records] == ["Satu", "Dua"]  # the empty line ended it
+    assert result.stderr.count("model: ") == 1
+
+
+def test_offline_without_a_model_the_error_names_the_offline_demo(tmp_path):
+    result = run_in(tmp_path, "Halo", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    assert result.returncode == 2
+    assert "python train.py --init scratch --model-size tiny" in result.stderr
+    assert "python generate.py --model runs/demo" in result.stderr

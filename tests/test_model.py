@@ -37,6 +37,21 @@ def test_logits_and_loss_match_transformers(hf_checkpoint, name):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_parity_would_catch_a_swapped_layernorm_or_a_dropped_bias(hf_checkpoint):
+    """The reference's biases and LayerNorms are random (conftest.randomise), so these mistakes show."""
+    reference, folder = hf_checkpoint(**CONFIGS["tiny"])
+    input_ids = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+        swapped, _ = load_model(folder)
+        block = swapped.transformer.h[0]
+        block.ln_1, block.ln_2 = block.ln_2, block.ln_1
+        assert not torch.allclose(swapped.eval()(input_ids), expected, rtol=1e-3, atol=1e-3)
+        no_bias, _ = load_model(folder)
+        no_bias.transformer.h[1].mlp.c_proj.bias.zero_()
+        assert not torch.allclose(no_bias.eval()(input_ids), expected, rtol=1e-3, atol=1e-3)
+
+
 def test_gpt2_small_shape_matches_transformers(hf_checkpoint):
     reference, folder = hf_checkpoint("small", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
                                       n_head=12)

@@ -60,6 +60,14 @@ def test_scratch_tiny_demo_on_the_bundled_stories(tmp_path):
     card = (out / "final" / "README.md").read_text()
     assert "| epoch | step | training loss | validation loss | perplexity |" in card
     assert "| 1 |" in card and "scratch (tiny)" in card
+    # The trained export gives transformers the logits gpt2kids computes.
+    from transformers import GPT2LMHeadModel
+
+    ids = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(out / "final").eval()(ids).logits
+        ours = load_model(out / "final")[0].eval()(ids)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # fp32, sums in another order
     generator = pipeline("text-generation", model=str(out / "final"), tokenizer=str(out / "final"))
     text = generator("Pada suatu hari", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("Pada suatu hari") and len(text) > len("Pada suatu hari")
@@ -269,3 +277,66 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert "GPUs/processes | 2" in (tmp_path / "ddp" / "final" / "README.md").read_text()
+
+
+def epoch_rows(card: str) -> list[str]:
+    """The rows of the card's per-epoch table."""
+    table = card[card.index("| epoch | step | training loss"):].split("\n\n")[0]
+    return table.splitlines()[2:]
+
+
+def test_early_stopping_stops_after_n_evaluations_without_a_new_best(tmp_path, init_folder, corpus, monkeypatch):
+    losses = iter([3.0, 2.5, 2.6, 2.7, 2.4, 2.3])  # epochs 3 and 4 bring no new lowest loss
+    monkeypatch.setattr(training, "evaluate", lambda run: next(losses))
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=6, early_stopping=2))
+    assert progress.epoch == 4 and progress.finished
+    assert progress.stopped_early.startswith("2 evaluations in a row brought no eval loss below 2.5000")
+    assert [row["eval_loss"] for row in progress.history] == [3.0, 2.5, 2.6, 2.7]
+    assert "stopped early" in (out / "final" / "README.md").read_text()
+    best = (out / "best" / "README.md").read_text()
+    assert "epoch 2, step" in best and len(epoch_rows(best)) == 2  # best/ is epoch 2's, with the rows up to it
+
+
+def test_best_card_holds_the_row_of_its_own_epoch(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=2))
+    best_epoch = min(progress.history, key=lambda row: row["eval_loss"])["epoch"]
+    assert len(epoch_rows((out / "best" / "README.md").read_text())) == best_epoch
+
+
+def test_a_non_finite_loss_with_finite_gradients_skips_the_whole_update(tmp_path, init_folder, corpus):
+    """fp16: the optimizer and the learning-rate schedule stay in step when a step is skipped."""
+    run = prepare_run(config_for(init_folder, corpus, tmp_path / "run", precision="fp16"))
+    forward = run.forward
+    # The loss becomes NaN, its gradients do not (a constant NaN has no gradient).
+    run.forward = lambda *args, **kwargs: forward(*args, **kwargs) + torch.tensor(float("nan"))
+    order = data.epoch_order(len(run.dataset.train), 3, 0)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    result = optimizer_step(run, run.plan.step_blocks(order, 0))
+    assert not result.applied and math.isfinite(result.grad_norm)
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    assert run.scheduler.last_epoch == 0 and not run.optimizer.state
+    run.forward = forward
+    assert optimizer_step(run, run.plan.step_blocks(order, 1)).applied
+    assert run.scheduler.last_epoch == 1
+    assert all(int(state["step"]) == 1 for state in run.optimizer.state.values())
+
+
+def test_cuda_device_with_an_index_under_torchrun_is_refused():
+    from gpt2kids.distributed import Distributed
+    from gpt2kids.errors import UserError
+
+    two_processes = Distributed(rank=1, local_rank=1, world_size=2)
+    with pytest.raises(UserError, match="every process on the same GPU"):
+        two_processes.device_name("cuda:1")
+    assert two_processes.device_name("cpu") == "cpu"
+    assert Distributed().device_name("cuda:1") == "cuda:1"  # one process: as given
+
+
+def test_dropout_override_keeps_the_loaded_weights(init_folder):
+    plain, _ = load_model(init_folder)
+    dropped, _ = load_model(init_folder, dropout=0.25)
+    assert (dropped.config.resid_pdrop, dropped.config.embd_pdrop, dropped.config.attn_pdrop) == (0.25,) * 3
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, dropped.state_dict()[key]), key

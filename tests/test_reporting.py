@@ -1,0 +1,55 @@
+"""What a run tells people: TensorBoard events that survive a kill, stderr lines, the progress bar."""
+
+from __future__ import annotations
+
+import signal
+
+from conftest import run_train
+from test_reliability import flags, run_with_fault
+
+
+def scalar_events(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_killed_and_resumed_run_logs_every_step_once(tmp_path, init_folder, corpus):
+    """Killed at step 15 (after the step-10 checkpoint), resumed: the events read back as TensorBoard reads
+    them equal an unbroken run's, every step once (steps 11-15 are logged again, the killed ones dropped)."""
+    unbroken = tmp_path / "unbroken"
+    assert run_train(*flags(init_folder, corpus, unbroken, "--epochs", "1")).returncode == 0
+    out = tmp_path / "run"
+    killed = run_with_fault("step:15", flags(init_folder, corpus, out, "--epochs", "1"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = scalar_events(unbroken), scalar_events(out)
+    assert {"train/loss", "eval/loss"} <= set(expected)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity"):
+        steps = [step for step, _ in got[tag]]
+        assert steps == sorted(set(steps)), (tag, steps)  # each step once, in order
+        assert got[tag] == expected[tag], tag  # the same values: resume is exact
+    assert 10 in [step for step, _ in got["eval/loss"]]  # the checkpoint's own step kept its evaluation
+
+
+def test_the_end_of_a_run_says_where_the_model_is_and_the_bar_is_not_redrawn(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    result = run_train(*flags(init_folder, corpus, out, "--epochs", "1", "--eval-every", "100"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert f"exports: {out / 'best'}/, {out / 'final'}/; the run folder holds" in result.stderr
+    assert any(line.endswith("MB") or line.endswith("KB") for line in lines if "the run folder holds" in line)
+    assert f"python generate.py --model {out} " in result.stderr
+    assert f"tensorboard --logdir {out}" in result.stderr
+    # After the epoch's summary line nothing redraws the finished bar.
+    summary = result.stderr.index("epoch 1/1: train loss")
+    assert "it/s" not in result.stderr[summary:] and "epoch 1/1:  " not in result.stderr[summary:]
+
+
+def test_a_max_steps_run_also_says_where_the_model_is(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    result = run_train(*flags(init_folder, corpus, out, "--max-steps", "2"))
+    assert result.returncode == 0, result.stderr
+    assert f"exports: {out / 'final'}/" in result.stderr and "generate.py --model" in result.stderr
