@@ -11,7 +11,7 @@ from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
 from gpt2kids.logits_processors import SamplingSettings
-from gpt2kids.text_generation import HUB_DEFAULT, StoryGenerator, choose_model, read_prompts_file
+from gpt2kids.text_generation import HUB_DEFAULT, StoryGenerator, check_prompt_text, choose_model, read_prompts_file
 from gpt2kids.text_output import TextStream, write_jsonl
 
 EXAMPLES = """examples:
@@ -34,13 +34,13 @@ def build_parser() -> ArgumentParser:
     add("--model", metavar="SPEC", default=None,
         help=f"run folder, export folder, HF GPT-2 folder or hub id (default: the newest export under runs/, "
              f"else {HUB_DEFAULT})")
-    add("--max-new-tokens", type=int, default=100, metavar="N")
-    add("--temperature", type=float, default=1.0, metavar="X")
+    add("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to add to each prompt")
+    add("--temperature", type=float, default=1.0, metavar="X", help="below 1 sharper, above 1 more varied")
     add("--top-k", type=int, default=50, metavar="N", help="0 turns it off")
     add("--top-p", type=float, default=1.0, metavar="X", help="1 turns it off")
     add("--repetition-penalty", type=float, default=1.0, metavar="X", help="1 turns it off")
     add("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="0 turns it off")
-    add("--num-return-sequences", type=int, default=1, metavar="N")
+    add("--num-return-sequences", type=int, default=1, metavar="N", help="stories per prompt")
     add("--greedy", action="store_true", help="argmax decoding")
     add("--seed", type=int, default=None, metavar="N", help="same seed, same text")
     add("--format", choices=("text", "jsonl"), default="text",
@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = list(args.prompts)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
+    check_prompt_text(prompts)  # before anything is loaded or printed
     if not prompts and not args.interactive:
         raise UserError("no prompt given; pass PROMPT, --prompts-file or --interactive (see python generate.py --help)")
 

@@ -271,8 +271,7 @@ def check_diverged(run: Run, result: StepResult) -> None:
     progress.skipped_in_a_row = 0 if result.applied else progress.skipped_in_a_row + 1
     if result.applied:
         return
-    if run.precision.needs_grad_scaler and math.isfinite(result.loss) \
-            and progress.skipped_in_a_row < MAX_SKIPPED_STEPS:
+    if run.precision.needs_grad_scaler and progress.skipped_in_a_row < MAX_SKIPPED_STEPS:
         return  # fp16: the scaler lowers its scale and the next step usually succeeds
     raise TrainingDiverged(
         f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gpt2kids.optimizer import SCHEDULES, lr_lambda
 from gpt2kids.training import prepare_run as build_trainer
+from gpt2kids.training import run_epochs
 
 PEAK = 1e-3
 
@@ -87,7 +88,7 @@ def record_used_rates(trainer) -> list[float]:
 def test_without_warm_up_the_first_step_uses_the_peak_rate(tmp_path, init_folder, corpus):
     trainer = build_trainer(config_for(init_folder, corpus, tmp_path / "run", lr=PEAK, max_steps=2))
     used = record_used_rates(trainer)
-    trainer.run()
+    run_epochs(trainer)
     total = trainer.total_steps
     assert used == [PEAK, PEAK * (total - 1) / total]
 
@@ -102,7 +103,7 @@ def test_a_run_logs_the_schedule_over_all_its_steps_even_when_max_steps_stops_it
     total = 2 * -(-blocks // 4)  # 2 epochs of ceil(blocks / batch 4) steps
     assert trainer.total_steps == total and total > 4 * stop
     used = record_used_rates(trainer)
-    trainer.run()
+    run_epochs(trainer)
 
     expected = [PEAK * m for m in hf_multipliers("cosine", warmup, total)]
     # Step s ran at the rate of multiplier s - 1 (the first at 0: the warm-up starts from nothing) ...
