@@ -30,7 +30,8 @@ REPLACEMENT = "\ufffd"  # what decoding gives for a UTF-8 character whose bytes 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python generate.py", description="Continue prompts with a GPT-2 model.")
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help='text to continue ("" starts a new story)')
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT",
+                        help='text to continue ("" starts a new story); with --serve, the prompt the page starts with')
     parser.add_argument("--model", metavar="SPEC", default=None,
                         help=f"run folder, export folder, HF GPT-2 folder or hub id (default: the newest "
                              f"export under runs/, else {HUB_DEFAULT})")
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="weights' dtype: auto (bf16 where the device does it well), fp32, bf16, fp16")
+    parser.add_argument("--serve", action="store_true",
+                        help='a local web page to try the model (needs gradio: pip install -e ".[demo]")')
+    parser.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on")
+    parser.add_argument("--port", type=int, default=7860, help="with --serve: the port to listen on")
     return parser
 
 
@@ -129,7 +134,16 @@ class TextStream:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # prompts may come after flags too
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)  # prompts may come after flags too
+    if args.serve:
+        if len(args.prompts) > 1 or args.num_return_sequences != 1:
+            parser.error("--serve shows one story at a time: give at most one PROMPT (the page's first prompt) "
+                         "and no --num-return-sequences")
+        from gpt2kids.serve import require_gradio
+        require_gradio()  # before the model loads, so a missing extra is the only line
+    elif not args.prompts:
+        parser.error("give a PROMPT to continue (\"\" starts a new story), or --serve for a web page")
     settings = SamplingSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -149,6 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimize_for_decoding(model.eval())
     tokenizer = load_tokenizer(folder)
     eos_id = tokenizer.eos_id
+
+    if args.serve:
+        from gpt2kids.serve import WIDGET_PROMPT, serve
+        serve(model, tokenizer, args.host, args.port, model_name=str(spec),
+              prompt=args.prompts[0] if args.prompts else WIDGET_PROMPT, defaults=settings, seed=args.seed)
+        return 0
 
     prompt_ids = tokenizer.encode_batch(args.prompts)
     context = model.config.n_positions
