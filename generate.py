@@ -30,7 +30,8 @@ def build_parser() -> ArgumentParser:
                             "generated text goes to stdout; the model used, warnings and timings go to stderr.",
                             epilog=EXAMPLES)
     add = parser.add_argument
-    add("prompts", nargs="*", metavar="PROMPT", help='text to continue ("" starts a new story)')
+    add("prompts", nargs="*", metavar="PROMPT",
+        help='text to continue ("" starts a new story); with --serve, the prompt the page starts with')
     add("--model", metavar="SPEC", default=None,
         help=f"run folder, export folder, HF GPT-2 folder or hub id (default: the newest export under runs/, "
              f"else {HUB_DEFAULT})")
@@ -51,6 +52,9 @@ def build_parser() -> ArgumentParser:
     add("--prompts-file", metavar="PATH", help='prompts, one per line, or a .jsonl with a "prompt" field; '
                                                '- reads standard input; adds to any PROMPT arguments')
     add("--interactive", action="store_true", help="a prompt loop; an empty line or Ctrl-D ends it")
+    add("--serve", action="store_true", help='a local web page to try the model (pip install -e ".[demo]")')
+    add("--host", default="127.0.0.1", help="with --serve: the address to listen on")
+    add("--port", type=int, default=7860, help="with --serve: the port to listen on")
     return parser
 
 
@@ -108,8 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     check_prompt_text(prompts)  # before anything is loaded or printed
-    if not prompts and not args.interactive:
-        raise UserError("no prompt given; pass PROMPT, --prompts-file or --interactive (see python generate.py --help)")
+    if args.serve:
+        if len(prompts) > 1 or args.num_return_sequences != 1:
+            raise UserError("--serve shows one story at a time: give at most one PROMPT (the page's first prompt) "
+                            "and no --num-return-sequences")
+        from gpt2kids.serve import require_gradio
+
+        require_gradio()  # before the model loads, so that a missing extra is the only line
+    elif not prompts and not args.interactive:
+        raise UserError('give a PROMPT to continue ("" starts a new story), --prompts-file, --interactive, or '
+                        "--serve for a web page (see python generate.py --help)")
 
     spec, why = choose_model(args.model)
     generator = StoryGenerator.load(spec, args.device, args.precision)
@@ -117,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.max_new_tokens >= generator.model.config.n_positions:
         print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
               f"{generator.model.config.n_positions}; generation stops when the context is full", file=sys.stderr)
+    if args.serve:
+        from gpt2kids.serve import WIDGET_PROMPT, serve
+
+        serve(generator.model, generator.tokenizer, args.host, args.port, model_name=spec,
+              prompt=prompts[0] if prompts else WIDGET_PROMPT, defaults=settings, seed=args.seed)
+        return 0
     if args.interactive:
         interact(generator, settings, args.format, args.seed)
         return 0

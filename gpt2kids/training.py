@@ -42,7 +42,7 @@ from gpt2kids.reporting import Reporter
 from gpt2kids.tokenizer import Tokenizer
 from gpt2kids.train_config import TrainConfig
 
-SAMPLE_PROMPT = "Archie sedang mengendarai roket ke planet Mars."
+SAMPLE_PROMPT = model_card.WIDGET_PROMPT  # the story TensorBoard shows after each evaluation starts here
 # fp16 steps skipped in a row (the grad scaler backing off) before the run is declared diverged.
 MAX_SKIPPED_STEPS = 25
 

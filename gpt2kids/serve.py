@@ -1,0 +1,258 @@
+"""`python generate.py --serve`: a local web page to try a model, like the hub's inference widget.
+
+The page is a gradio app (what model demos on the hub are built with), so the app `build_app`
+returns also runs as a Space. gradio is an optional extra (`pip install -e ".[demo]"`): it is
+imported only here, and only when a page is built.
+
+The model is loaded once and shared by every request. One story is decoded at a time: the decode
+kernels flip a process-wide oneDNN switch (see `gpt2kids.decoding`), so requests wait in gradio's
+queue instead of running side by side. Each story is decoded in a worker thread that feeds a queue,
+and the page shows the text as it grows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from gpt2kids.decode_loop import fit_prompt, generate
+from gpt2kids.errors import UserError
+from gpt2kids.logits_processors import SamplingSettings
+from gpt2kids.model import GPT2
+from gpt2kids.model_card import WIDGET_PROMPT  # the published card's widget prompt
+from gpt2kids.text_generation import check_prompt_text
+from gpt2kids.text_output import REPLACEMENT
+from gpt2kids.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import gradio
+
+API_NAME = "generate"  # the endpoint: POST /gradio_api/call/generate, or gradio_client's api_name="/generate"
+MISSING_GRADIO = '--serve needs gradio: pip install -e ".[demo]"'
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (and negative ones, which we refuse)
+
+# One decode at a time in this process, whatever the queue's settings (see the module docstring).
+_DECODE_LOCK = threading.Lock()
+
+
+def require_gradio() -> gradio:
+    """Import gradio with the phone-home calls off, or raise `UserError` saying how to install it."""
+    # gradio calls out to the internet when a Blocks is built (a version check) and launched (usage
+    # analytics) unless analytics are off: build_app turns them off for its Blocks, the variable for
+    # anything else gradio builds. huggingface_hub's telemetry goes off too.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import gradio
+    except ModuleNotFoundError as error:
+        if error.name == "gradio":
+            raise UserError(MISSING_GRADIO) from None
+        raise UserError(f'--serve needs gradio, which failed to import ({error}); reinstall it: '
+                        'pip install -e ".[demo]"') from None
+    return gradio
+
+
+class _Cancelled(Exception):
+    """Raised inside the decode loop's callback when nobody reads the story any more."""
+
+
+_DONE = object()
+
+
+def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: SamplingSettings,
+                 seed: int | None = None) -> Iterator[str]:
+    """Yield the prompt and its continuation so far, growing as tokens are decoded; the last is final.
+
+    Raises `UserError` for bad settings or a prompt the tokenizer cannot take. The text shown never
+    ends in half a UTF-8 character (a decoded prefix ending in U+FFFD is waiting for the rest of it),
+    except in the final text, where such bytes are all there is. Closing the iterator early stops
+    the decode after the current step.
+    """
+    settings = replace(settings, num_return_sequences=1)
+    settings.validate()
+    check_prompt_text([prompt])
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
+    config = model.config
+    eos_id = tokenizer.eos_id
+    ids = tokenizer.encode(prompt)
+    if any(token >= config.vocab_size for token in [*ids, eos_id]):
+        raise UserError(f"the tokenizer gives token ids beyond the model's vocabulary of {config.vocab_size}; "
+                        "the tokenizer and the model do not belong together")
+    device = model.transformer.wte.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    updates: queue.Queue[object] = queue.Queue()
+    stop = threading.Event()
+
+    def on_tokens(new: list[int | None]) -> None:
+        if stop.is_set():
+            raise _Cancelled
+        updates.put(new[0])
+
+    def work() -> None:
+        try:
+            with _DECODE_LOCK:
+                generate(model, [ids], settings, eos_id, generator, on_tokens)
+        except _Cancelled:
+            pass
+        except BaseException as error:  # handed to the reading thread, which raises it
+            updates.put(error)
+        finally:
+            updates.put(_DONE)
+
+    worker = threading.Thread(target=work, name="gpt2kids-decode", daemon=True)
+    worker.start()
+    tokens: list[int] = []
+    shown = None
+    try:
+        done = False
+        while not done:
+            items = [updates.get()]
+            while not updates.empty():  # one page update for every token that arrived meanwhile
+                items.append(updates.get_nowait())
+            for item in items:
+                if item is _DONE:
+                    done = True
+                elif isinstance(item, BaseException):
+                    raise item
+                elif item is not None:
+                    tokens.append(item)
+            text = tokenizer.decode(tokens)
+            if text != shown and (done or not text.endswith(REPLACEMENT)):
+                shown = text
+                yield prompt + text
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _for_the_page(message: str) -> str:
+    """A `UserError` line with the CLI's flag names turned into the page's setting names."""
+    return re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda flag: f'"{flag.group(1).replace("-", " ")}"', message)
+
+
+def _whole(value: float | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not math.isfinite(value) or value != int(value):
+        raise UserError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def _seed(text: str | float | None) -> int | None:
+    """The seed box's value: empty for none, else a whole number (an API client may send a number)."""
+    if text is None or isinstance(text, int | float):
+        return _whole(text, "seed")
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"seed must be a whole number (or empty: a different story each time), got {text!r}") from None
+
+
+def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt: str = WIDGET_PROMPT,
+              defaults: SamplingSettings | None = None, seed: int | None = None) -> gradio.Blocks:
+    """The page: a prompt box, the sampling settings, the story streamed as it is generated.
+
+    `defaults` and `seed` are the settings the page starts with. The app's queue runs one story at a
+    time; `app.launch()` serves it (as `serve` does, or a Space's app.py).
+    """
+    gr = require_gradio()
+    defaults = defaults or SamplingSettings()
+    context = model.config.n_positions
+
+    def tell(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float,
+             repetition_penalty: float, no_repeat_ngram_size: float, greedy: bool,
+             seed: str | None) -> Iterator[str]:
+        try:
+            settings = SamplingSettings(
+                max_new_tokens=_whole(max_new_tokens, "max new tokens"), temperature=float(temperature),
+                top_k=_whole(top_k, "top-k"), top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+                no_repeat_ngram_size=_whole(no_repeat_ngram_size, "no repeat n-gram size"), greedy=bool(greedy))
+            check_prompt_text([prompt])
+            ids = tokenizer.encode(prompt)
+            fitted, cut = fit_prompt(ids, context, settings.max_new_tokens, tokenizer.eos_id)
+            if cut:
+                gr.Warning(f"The prompt has {len(ids)} tokens; with {settings.max_new_tokens} new tokens and a "
+                           f"context of {context} the model sees only its last {len(fitted)}.")
+            yield from stream_story(model, tokenizer, prompt, settings, _seed(seed))
+        except UserError as error:
+            raise gr.Error(_for_the_page(str(error)), print_exception=False) from None
+
+    def slider(low: float, high: float, value: float, step: float, name: str, note: str = "") -> gradio.Slider:
+        # The range widens to take a start value given on the command line.
+        return gr.Slider(min(low, value), max(high, value), value=value, step=step, label=name + note,
+                         elem_id=name.replace(" ", "-"))
+
+    name = model_name or "a GPT-2 model"
+    with gr.Blocks(title="gpt2kids: a story", analytics_enabled=False) as app:
+        gr.Markdown(f"## gpt2kids\nContinue a children's story with {name} "
+                    f"({model.config.n_layer} layers, a context of {context} tokens).")
+        with gr.Row():
+            with gr.Column():
+                prompt_box = gr.Textbox(value=prompt, label="Prompt", lines=3,
+                                        placeholder="Leave it empty to start a new story", elem_id="prompt")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Settings", open=True):
+                    max_new_tokens = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
+                                               label="max new tokens", elem_id="max-new-tokens")
+                    greedy = gr.Checkbox(value=defaults.greedy, label="greedy (argmax: same prompt, same story)",
+                                         elem_id="greedy")
+                    temperature = slider(0, 2, defaults.temperature, 0.05, "temperature")
+                    top_k = slider(0, 200, defaults.top_k, 1, "top-k", " (0: off)")
+                    top_p = slider(0, 1, defaults.top_p, 0.01, "top-p", " (1: off)")
+                    repetition_penalty = slider(0.5, 2, defaults.repetition_penalty, 0.05, "repetition penalty",
+                                                " (1: off)")
+                    no_repeat = slider(0, 10, defaults.no_repeat_ngram_size, 1, "no repeat n-gram size", " (0: off)")
+                    # A text box, not gr.Number: an empty number box shows (and may send) 0.
+                    seed_box = gr.Textbox(value="" if seed is None else str(seed), label="seed", max_lines=1,
+                                          placeholder="empty: a different story each time", elem_id="seed")
+            with gr.Column():
+                story = gr.Textbox(label="Story", lines=16, max_lines=40, interactive=False, buttons=["copy"],
+                                   elem_id="story")
+        button.click(tell, inputs=[prompt_box, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   no_repeat, greedy, seed_box],
+                     outputs=story, api_name=API_NAME, concurrency_limit=1)
+    # Several users at once wait their turn instead of decoding side by side.
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 7860, **page: object) -> None:
+    """Serve `build_app(model, tokenizer, **page)` on http://host:port until Ctrl-C."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, got {port}")
+    app = build_app(model, tokenizer, **page)
+    try:
+        # Nothing leaves this machine: no share link, no server-side rendering (a Node process),
+        # no browser opened; quiet, because stdout is for generated text only.
+        _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
+                               quiet=True, prevent_thread_lock=True)
+    except OSError:
+        # gradio reports every failure to start (port taken, address not this machine's) the same way.
+        raise UserError(f"cannot serve on {host}:{port}: the port is in use, or the address is not one of this "
+                        "machine's; pass another --port or --host") from None
+    print(f"serving {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    try:
+        while app.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        app.close()
+
+
+__all__ = ["API_NAME", "WIDGET_PROMPT", "build_app", "require_gradio", "serve", "stream_story"]
