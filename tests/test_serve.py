@@ -22,14 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXTS
-from gpt2kids.generation import main as generation_main
-from gpt2kids.sampling import SamplingSettings
 
+from gpt2kids.cli import run_cli
 from gpt2kids.config import GPT2Config
 from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model
+from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.serve import MISSING_GRADIO, WIDGET_PROMPT, serve, stream_story
+
+sys.path.insert(0, str(REPO))
+import generate as generate_cli
 from gpt2kids.tokenizer import Tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -258,7 +261,7 @@ def test_serve_without_gradio_is_one_line(story_model):
 def test_prompt_rules_are_one_line(capsys, args, words):
     # In-process: these are refused before anything loads.
     with pytest.raises(SystemExit) as stop:
-        generation_main(["--model", "unused", *args])
+        run_cli(lambda: generate_cli.main(["--model", "unused", *args]))
     assert stop.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
@@ -330,7 +333,7 @@ def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_
 
 
 def test_real_decode_streams_the_greedy_tokens(byte_tokenizer, small_model):
-    from gpt2kids.sampling import generate
+    from gpt2kids.decode_loop import generate
 
     settings = SamplingSettings(max_new_tokens=12, greedy=True)
     shown = list(stream_story(small_model, byte_tokenizer, "Budi", settings))
