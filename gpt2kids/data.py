@@ -64,19 +64,21 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    stories = []
-    for number, line in enumerate(_read_text_file(path).split("\n"), start=1):
+def jsonl_field(text: str, field: str, source: str | Path) -> list[str]:
+    """The string `field` of every record of a JSON-lines text; blank lines are skipped."""
+    values = []
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {number} is not valid JSON ({error.msg}); fix or remove that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{path} line {number} has no \"text\" string field; each line needs one")
-        stories.append(record["text"])
-    return stories
+            raise UserError(f"{source} line {number} is not valid JSON ({error.msg}); "
+                            "fix or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UserError(f"{source} line {number} has no \"{field}\" string field; each line needs one")
+        values.append(record[field])
+    return values
 
 
 def read_stories(path: str | Path) -> list[str]:
@@ -103,7 +105,7 @@ def read_stories(path: str | Path) -> list[str]:
             warn(f"skipped {len(skipped)} file(s) in {path} that are not UTF-8 text: {', '.join(skipped[:10])}")
     elif path.is_file():
         if path.suffix == ".jsonl":
-            stories = _read_jsonl(path)
+            stories = jsonl_field(_read_text_file(path), "text", path)
         else:
             stories = BLANK_LINES.split(_read_text_file(path))
     else:

@@ -7,7 +7,6 @@ not fit the context, with a warning) and continues them through `gpt2kids.decode
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2kids.data import jsonl_field
 from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
 from gpt2kids.decoding_kernels import optimize_for_decoding
 from gpt2kids.device import resolve_device, weights_dtype_for_inference
@@ -56,21 +56,9 @@ def read_prompts_file(path: str) -> list[str]:
             raise UserError(f"--prompts-file {path} does not exist; pass a file of prompts, one per line") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"--prompts-file {path} cannot be read as UTF-8 text ({error})") from None
-    lines = text.splitlines()
-    if not path.endswith(".jsonl"):
-        return [line for line in lines if line.strip()]
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{name} line {number} is not valid JSON ({error.msg}); fix or remove that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UserError(f'{name} line {number} has no "prompt" string field; each line needs one')
-        prompts.append(record["prompt"])
-    return prompts
+    if path.endswith(".jsonl"):
+        return jsonl_field(text.replace("\r\n", "\n"), "prompt", name)
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def check_prompt_text(prompts: Sequence[str]) -> None:
