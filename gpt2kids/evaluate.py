@@ -1,0 +1,156 @@
+"""python -m gpt2kids.evaluate: the loss and perplexity of one or more models on a set of texts.
+
+The texts are prepared as Hugging Face's causal-LM recipe (run_clm) prepares them: each text
+tokenized, the token lists concatenated as they are (the recipe adds no end-of-text between texts),
+cut into blocks of `--block-size` tokens, the last partial block dropped. The loss is averaged over
+every next-token prediction, T - 1 per block of T tokens, as the 2021 Trainer behind the published
+model's card reported its eval loss, so the figure stands beside that card's 3.777.
+
+Models that share a tokenizer are scored on the very same blocks; a model with another tokenizer
+gets its own blocks of the same texts, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from gpt2kids.config import GPT2Config
+from gpt2kids.data import read_stories
+from gpt2kids.device import PRECISIONS, Precision, choose_precision, resolve_device
+from gpt2kids.errors import ArgumentParser, UserError, run_cli
+from gpt2kids.hf import load_model, load_tokenizer, resolve
+from gpt2kids.model import GPT2, IGNORE_INDEX
+from gpt2kids.tokenizer import Tokenizer
+
+DEFAULT_BLOCK_SIZE = 1024
+TOKENIZERS_DIFFER = ("note: the tokenizers differ, so each model is scored on its own tokens of the same texts; "
+                     "losses are then not per the same tokens")
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    loss: float
+    perplexity: float
+    tokens: int  # next-token predictions counted: blocks x (T - 1)
+    blocks: int
+
+
+def make_blocks(texts: list[str], tokenizer: Tokenizer, block_size: int) -> torch.Tensor:
+    """(N, block_size) token ids: the texts tokenized, concatenated, cut; the last partial block dropped."""
+    ids = [token for encoded in tokenizer.encode_batch(texts) for token in encoded]
+    count = len(ids) // block_size
+    return torch.tensor(ids[:count * block_size], dtype=torch.long).view(count, block_size)
+
+
+@torch.no_grad()
+def mean_loss(model: GPT2, blocks: torch.Tensor, precision: Precision, batch_size: int = 8,
+              label: str | None = None) -> tuple[float, int]:
+    """Mean cross-entropy over every next-token prediction in `blocks` (T - 1 per block), and their count."""
+    model.eval()  # no dropout
+    device = model.lm_head.weight.device
+    total = 0.0  # a Python float: the sum over many batches keeps fp64 precision
+    batches = range(0, len(blocks), batch_size)
+    for start in tqdm(batches, desc=label, unit="batch", file=sys.stderr, disable=None, leave=False):
+        inputs = blocks[start:start + batch_size].to(device)
+        # Position t predicts token t + 1 of its block; the last position has nothing to predict.
+        targets = torch.full_like(inputs, IGNORE_INDEX)
+        targets[:, :-1] = inputs[:, 1:]
+        with precision.autocast(device):
+            total += float(model(inputs, targets, reduction="sum"))
+    predictions = blocks.shape[0] * (blocks.shape[1] - 1)
+    return total / predictions, predictions
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m gpt2kids.evaluate", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("models", nargs="+", metavar="SPEC", help="a hub id, a model folder or a gpt2kids run folder")
+    add("--data", required=True, metavar="PATH",
+        help="the texts: a folder of .txt files, a .txt of blank-line-separated texts, or a .jsonl with a text field")
+    add("--block-size", type=int, metavar="N", help="tokens per block (default: min(1024, the smallest model context))")
+    add("--batch-size", type=int, default=8, metavar="N", help="blocks per forward")
+    add("--precision", default="auto", choices=PRECISIONS,
+        help="auto: bf16 autocast where the device does bf16 well, else fp32 (or fp16 on older CUDA)")
+    add("--device", default="auto", metavar="NAME", help="auto, cpu, cuda, cuda:N or mps")
+    add("--format", default="text", choices=("text", "jsonl"), help="an aligned table, or one JSON object per model")
+    return parser.parse_args(argv)
+
+
+def table(results: list[Result]) -> str:
+    """An aligned table: the model left-aligned, the figures right-aligned."""
+    rows = [("model", "loss", "perplexity", "tokens", "blocks")]
+    rows += [(r.model, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.tokens:,}", f"{r.blocks:,}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for name, *figures in rows:
+        cells = [name.ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(figures, widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    texts = read_stories(args.data)
+    device = resolve_device(args.device)
+    precision = choose_precision(args.precision, device)
+    folders = [resolve(spec) for spec in args.models]
+    configs = [GPT2Config.from_json_file(folder / "config.json") for folder in folders]
+    tokenizers = [load_tokenizer(folder) for folder in folders]
+
+    # One block size for every model, so models that share a tokenizer share blocks.
+    block_size = args.block_size or min(DEFAULT_BLOCK_SIZE, *(config.n_positions for config in configs))
+    if block_size < 2:
+        raise UserError(f"--block-size {block_size} is too small; a block of T tokens gives T - 1 predictions, "
+                        "so use 2 or more")
+    for spec, config in zip(args.models, configs, strict=True):
+        if block_size > config.n_positions:
+            raise UserError(f"--block-size {block_size} exceeds the context of {spec} ({config.n_positions} tokens); "
+                            f"use --block-size {config.n_positions} or less")
+    blocks_of: dict[str, torch.Tensor] = {}  # serialized tokenizer -> its blocks
+    for spec, tokenizer, config in zip(args.models, tokenizers, configs, strict=True):
+        key = tokenizer.backend.to_str()
+        if key not in blocks_of:
+            blocks_of[key] = make_blocks(texts, tokenizer, block_size)
+        blocks = blocks_of[key]
+        if len(blocks) == 0:
+            raise UserError(f"the texts in {args.data} give fewer than {block_size} tokens with the tokenizer of "
+                            f"{spec}, so not one block; add texts or lower --block-size")
+        if int(blocks.max()) >= config.vocab_size:
+            raise UserError(f"the tokenizer of {spec} gives ids up to {int(blocks.max())} but the model has "
+                            f"{config.vocab_size} embeddings; the folder's tokenizer does not belong to its model")
+
+    print(f"{args.data}: {len(texts)} texts; blocks of {block_size} tokens, the last partial block dropped; "
+          f"{device} ({precision.name})", file=sys.stderr)
+    if len(blocks_of) > 1 and args.format == "jsonl":
+        print(TOKENIZERS_DIFFER, file=sys.stderr)  # stdout holds JSON only
+    results = []
+    for spec, folder, tokenizer in zip(args.models, folders, tokenizers, strict=True):
+        blocks = blocks_of[tokenizer.backend.to_str()]
+        model, _ = load_model(folder, device)  # one model in memory at a time
+        loss, predictions = mean_loss(model, blocks, precision, args.batch_size, label=spec)
+        del model
+        result = Result(spec, loss, math.exp(loss) if loss < 700 else math.inf, predictions, len(blocks))
+        results.append(result)
+        if args.format == "jsonl":
+            print(json.dumps(asdict(result)), flush=True)
+    if args.format == "text":
+        print(table(results))
+        if len(blocks_of) > 1:
+            print(TOKENIZERS_DIFFER)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
