@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
+from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.config import GPT2Config
 from gpt2kids.data import read_stories
 from gpt2kids.device import PRECISIONS, Precision, choose_precision, resolve_device
-from gpt2kids.errors import ArgumentParser, UserError, run_cli
+from gpt2kids.errors import UserError
 from gpt2kids.hf import load_model, load_tokenizer, resolve
+from gpt2kids.loss import perplexity
+from gpt2kids.memory_saving import use_memory_saving_kernels
 from gpt2kids.model import GPT2, IGNORE_INDEX
 from gpt2kids.tokenizer import Tokenizer
 
@@ -139,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     for spec, folder, tokenizer in zip(args.models, folders, tokenizers, strict=True):
         blocks = blocks_of[tokenizer.backend.to_str()]
         model, _ = load_model(folder, device)  # one model in memory at a time
+        use_memory_saving_kernels(model)  # the loss by chunks: the full logits never exist
         loss, predictions = mean_loss(model, blocks, precision, args.batch_size, label=spec)
         del model
-        result = Result(spec, loss, math.exp(loss) if loss < 700 else math.inf, predictions, len(blocks))
+        result = Result(spec, loss, perplexity(loss), predictions, len(blocks))
         results.append(result)
         if args.format == "jsonl":
             print(json.dumps(asdict(result)), flush=True)
