@@ -16,10 +16,12 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from gpt2kids import run_folder
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.config import GPT2Config
 from gpt2kids.data import read_stories
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("models", nargs="+", metavar="SPEC", help="a hub id, a model folder or a gpt2kids run folder")
     add("--data", required=True, metavar="PATH",
-        help="the texts: a folder of .txt files, a .txt of blank-line-separated texts, or a .jsonl with a text field")
+        help="the texts: a folder of .txt files, a .txt of blank-line-separated texts, a .jsonl with a text field, "
+             "or a gpt2kids run folder (the stories it held out)")
     add("--block-size", type=int, metavar="N", help="tokens per block (default: min(1024, the smallest model context))")
     add("--batch-size", type=int, default=8, metavar="N", help="blocks per forward")
     add("--precision", default="auto", choices=PRECISIONS,
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-    texts = read_stories(args.data)
+    data_path = Path(args.data)
+    is_run = (data_path / run_folder.TRAIN_CONFIG).is_file()
+    texts = run_folder.held_out_stories(data_path) if is_run else read_stories(data_path)
     device = resolve_device(args.device)
     precision = choose_precision(args.precision, device)
     folders = [resolve(spec) for spec in args.models]

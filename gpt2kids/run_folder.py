@@ -14,7 +14,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from gpt2kids import checkpoint
+from gpt2kids import checkpoint, data
 from gpt2kids.atomic_files import (
     atomic_write_text,
     check_writable,
@@ -60,6 +60,20 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
             for export in EXPORTS:
                 recover_folder(out / export)
     return config, out
+
+
+def held_out_stories(folder: Path) -> list[str]:
+    """The stories a run held out for evaluation, chosen again from its train_config.json (same data, seed)."""
+    try:
+        config = TrainConfig.from_json((folder / TRAIN_CONFIG).read_text())
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(f"{folder / TRAIN_CONFIG} cannot be read ({error}); pass the held-out texts as --data") \
+            from None
+    _, held_out = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data, config.eval_split,
+                                  config.seed)
+    if not held_out:
+        raise UserError(f"the run in {folder} held out no stories (--eval-split 0); pass texts as --data")
+    return held_out
 
 
 def write_settings(folder: Path, config: TrainConfig) -> None:

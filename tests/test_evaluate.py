@@ -209,3 +209,19 @@ def test_bad_input_is_one_line_and_exit_2(case, models, texts, tmp_path):
     assert result.stdout == ""
     [line] = result.stderr.splitlines()
     assert line.startswith("error: ") and expected in line, line
+
+
+def test_a_run_folder_as_data_means_the_stories_it_held_out(tmp_path, init_folder, corpus, capsys):
+    from conftest import config_for
+
+    from gpt2kids import data
+    from gpt2kids.training import train
+
+    run = tmp_path / "run"
+    train(config_for(init_folder, corpus, run, max_steps=1))
+    _, held_out = data.load_split(corpus, None, 0.1, seed=3)
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps({"text": story}) + "\n" for story in held_out))
+    from_run, _ = run_jsonl(capsys, str(run / "final"), "--data", str(run), "--block-size", "32")
+    from_file, _ = run_jsonl(capsys, str(run / "final"), "--data", str(tmp_path / "held_out.jsonl"),
+                             "--block-size", "32")
+    assert from_run == from_file and from_run[0]["blocks"] > 0
