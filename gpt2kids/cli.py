@@ -30,7 +30,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag's help; the description and epilog (the examples) keep their lines."""
+    """Defaults after each flag's help (not for switches, which are off); the examples keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
