@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from conftest import run_train
 
-from gpt2kids.trainer import SAMPLE_PROMPT
+from gpt2kids.training import SAMPLE_PROMPT
 
 STARTUP_SECONDS = 60  # TensorBoard imports, then loads the event files in the background
 
