@@ -214,6 +214,9 @@ def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     """gpt2kids state dict -> HF keys and layout, without the tied `lm_head.weight`."""
+    if getattr(model, "optimized_for_decoding", False):
+        raise UserError("this model's weights were laid out for decoding by optimize_for_decoding and cannot "
+                        "be exported; export the model as loaded or trained, before optimize_for_decoding")
     state = {}
     for key, tensor in model.untied_state_dict().items():
         tensor = tensor.detach()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2kids.config import GPT2Config
 from gpt2kids.data import jsonl_field
 from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
 from gpt2kids.decoding_kernels import optimize_for_decoding
@@ -83,7 +84,8 @@ class StoryGenerator:
         """Load `spec` (a run folder, export, HF folder or hub id) with weights laid out for decoding."""
         device = resolve_device(device_name)
         folder = resolve(spec)  # first, so that a bad --model is the only line on stderr
-        model, folder = load_model(folder, device, weights_dtype_for_inference(precision, device))
+        dtype = weights_dtype_for_inference(precision, device, GPT2Config.from_json_file(folder / "config.json"))
+        model, folder = load_model(folder, device, dtype)
         model = optimize_for_decoding(model.eval())
         tokenizer = load_tokenizer(folder)
         if tokenizer.vocab_size > model.config.vocab_size:

@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# Everything gpt2kids checks on a CUDA GPU, in one unattended command, ending in one summary table.
+#
+#   bash bench/cuda_check.sh                  # a GPU machine that reaches PyPI: installs into a fresh venv
+#   bash bench/cuda_check.sh --python PY      # PY already has CUDA torch and the dev and bench extras
+#   bash bench/cuda_check.sh --dry-run        # any machine, CPU: the same steps at tiny sizes, to test this script
+#   options: --work DIR (default: a new folder under /tmp), --wheels DIR (pip installs offline from DIR)
+#
+# Steps, each under a time limit so that the script always reaches its summary:
+#   copy      a fresh copy of the repository (its tracked and untracked, not ignored files) in WORK/repo
+#   install   a venv in WORK/venv: `pip install torch` (on Linux x86-64 PyPI's default wheel is the CUDA
+#             build; the driver must support its CUDA version), then `pip install -e ".[dev,bench]"`
+#   tests     pytest -m cuda tests/test_cuda.py (HF parity in fp32 and bf16, a bf16 training run, fp16
+#             with the grad scaler, --compile against eager, greedy generate.py against transformers)
+#   peak      the card's bf16 matmul peak: 8192^3 products timed with CUDA events
+#   train     python bench/train_step.py --device cuda --compile (GPT-2 Small, 4 x 512); its MFU uses a
+#             3072^3 matmul as the roof, so the summary also gives MFU against the peak measured above
+#   generate  python bench/generate.py --device cuda --repeats 2 (batch 1 and 8, fp32 and bf16; on a
+#             dedicated GPU two interleaved rounds suffice)
+#   finetune  python train.py --init <a random GPT-2 Small saved with transformers here, with a BPE
+#             trained on the bundled stories> --data <the bundled stories repeated to ~860 KB, the size
+#             of the published run's corpus> --epochs 10 --device cuda, timed end to end
+# Logs: WORK/logs/<step>.log; the summary: WORK/summary.md. Exit status: 0 when every step passed.
+# The repeated stories put copies of training stories in the held-out split: the fine-tune's eval loss
+# shows that training ran, it is not a quality figure; its time is the point.
+# Not measured on a GPU yet: the time limits below are estimates for an H100/H200-class card
+# (about 8 minutes in all, the install's download aside).
+
+set -uo pipefail
+
+DRY_RUN=0
+PYTHON=""
+WORK=""
+WHEELS=""
+while (($#)); do
+    case $1 in
+        --dry-run) DRY_RUN=1 ;;
+        --python) PYTHON=$2; shift ;;
+        --work) WORK=$2; shift ;;
+        --wheels) WHEELS=$2; shift ;;
+        -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "cuda_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${WORK:-$(mktemp -d /tmp/gpt2kids-cuda-check.XXXXXX)}
+mkdir -p "$WORK/logs"
+WORK=$(cd "$WORK" && pwd)
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false GPT2KIDS_CACHE="$WORK/cache"
+if ((DRY_RUN)); then
+    DEVICE=cpu
+    PYTHON=${PYTHON:-$(command -v python3)}
+else
+    DEVICE=cuda
+fi
+
+NAMES=() RESULTS=() TIMES=() FIGURES=()
+FAILED=0
+
+# run_step NAME LIMIT_SECONDS COMMAND...: runs COMMAND in WORK/repo, output to WORK/logs/NAME.log.
+run_step() {
+    local name=$1 limit=$2 start status result
+    shift 2
+    echo "== $name (limit ${limit} s): $*" >&2
+    start=$(date +%s)
+    (cd "$WORK/repo" && timeout --kill-after=30 "$limit" "$@") >"$WORK/logs/$name.log" 2>&1
+    status=$?
+    case $status in
+        0) result=passed ;;
+        124 | 137) result="timed out" ;;
+        *) result="failed ($status)" ;;
+    esac
+    ((status == 0)) || FAILED=1
+    NAMES+=("$name") RESULTS+=("$result") TIMES+=("$(($(date +%s) - start))") FIGURES+=("")
+    tail -n 15 "$WORK/logs/$name.log" >&2
+    return "$status"
+}
+
+# figure TEXT: the figures column of the last step.
+figure() { FIGURES[${#FIGURES[@]} - 1]=$1; }
+
+# shellcheck disable=SC2317  # called by the EXIT trap
+summary() {
+    {
+        echo "gpt2kids CUDA check, $(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname)"
+        echo "device: ${GPU:-none}; work folder: $WORK"
+        echo
+        echo "| step | result | seconds | figures |"
+        echo "| --- | --- | ---: | --- |"
+        local i
+        for i in "${!NAMES[@]}"; do
+            echo "| ${NAMES[i]} | ${RESULTS[i]} | ${TIMES[i]} | ${FIGURES[i]} |"
+        done
+    } | tee "$WORK/summary.md"
+}
+trap summary EXIT
+
+# --- copy and install -----------------------------------------------------------------------------
+
+mkdir -p "$WORK/repo"
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    run_step copy 120 bash -c "cd '$REPO' && git ls-files -z --cached --others --exclude-standard \
+        | tar --null -T - -cf - | tar -xf - -C '$WORK/repo'"
+else
+    run_step copy 120 bash -c "cp -a '$REPO'/. '$WORK/repo'/ && rm -rf '$WORK/repo/.venv' '$WORK/repo/runs'"
+fi || exit 1
+figure "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
+
+if [[ -z $PYTHON ]]; then
+    python3 -m venv "$WORK/venv" || exit 1
+    PYTHON="$WORK/venv/bin/python"
+    PIP=("$PYTHON" -m pip install --disable-pip-version-check)
+    [[ -n $WHEELS ]] && PIP+=(--no-index --find-links "$WHEELS")
+    run_step install 600 bash -c "$(printf '%q ' "${PIP[@]}") torch && $(printf '%q ' "${PIP[@]}") -e '.[dev,bench]'" \
+        || exit 1
+else
+    run_step install 60 "$PYTHON" -c "import torch, transformers, pytest; print(torch.__version__)" || exit 1
+fi
+figure "torch $("$PYTHON" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
+
+if ((DRY_RUN)); then
+    GPU="CPU (dry run: tiny sizes, CUDA steps on CPU)"
+else
+    GPU=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "")')
+    if [[ -z $GPU ]]; then
+        echo "cuda_check.sh: torch sees no CUDA GPU (nvidia-smi: $(nvidia-smi -L 2>&1 | head -1)); nothing to check" >&2
+        FAILED=1
+        exit 1
+    fi
+fi
+
+# --- tests ----------------------------------------------------------------------------------------
+
+run_step tests 420 "$PYTHON" -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider -rs
+figure "$(grep -E '(passed|failed|skipped|error)' "$WORK/logs/tests.log" | tail -n 1 | tr -d '=|')"
+
+# --- the card's matmul peak, then the training step -----------------------------------------------
+
+PEAK_SIZE=8192
+((DRY_RUN)) && PEAK_SIZE=1024
+run_step peak 120 "$PYTHON" - "$DEVICE" "$PEAK_SIZE" <<'EOF'
+import sys, time, torch
+device, size = torch.device(sys.argv[1]), int(sys.argv[2])
+a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+best = float("inf")
+for _ in range(5):
+    for _ in range(2):
+        a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    best = min(best, (time.perf_counter() - start) / 10)
+print(f"PEAK_FLOPS {2 * size**3 / best:.6g}")
+EOF
+PEAK=$(awk '/^PEAK_FLOPS/ {print $2}' "$WORK/logs/peak.log")
+figure "bf16 ${PEAK:-?} FLOP/s (${PEAK_SIZE}^3)"
+
+TRAIN_ARGS=(--device "$DEVICE" --json "$WORK/train_step.json")
+if ((DRY_RUN)); then
+    TRAIN_ARGS+=(--model-size tiny --batch 2 --block 64 --steps 1 --warmup 1)
+else
+    TRAIN_ARGS+=(--compile)
+fi
+run_step train 420 "$PYTHON" bench/train_step.py "${TRAIN_ARGS[@]}"
+figure "$("$PYTHON" - "$WORK/train_step.json" "${PEAK:-0}" <<'EOF' 2>/dev/null
+import json, sys
+results, peak = json.load(open(sys.argv[1])), float(sys.argv[2])
+parts = []
+for row in results["rows"]:
+    card = f", {row['tokens_per_s'] * results['flops_per_token'] / peak:.1%} of the card's peak" if peak else ""
+    parts.append(f"{row['side']} {row['precision']} {row['tokens_per_s']:.0f} tok/s, MFU {row['mfu']:.1%}{card}")
+print("; ".join(parts))
+EOF
+)"
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+GENERATE_ARGS=(--device "$DEVICE" --repeats 2)
+((DRY_RUN)) && GENERATE_ARGS=(--device cpu --model-size tiny --repeats 1 --new-tokens 4 --batch-new-tokens 4
+                              --short-tokens 2 --dtype fp32)
+run_step generate 300 "$PYTHON" bench/generate.py "${GENERATE_ARGS[@]}"
+figure "$(awk -F'|' '$2 ~ /^ *[0-9]+ *$/ && $4 ~ /greedy/ {
+    gsub(/ /, "", $2); gsub(/ /, "", $3); gsub(/ /, "", $5); gsub(/ /, "", $6)
+    printf "%sbatch %s %s greedy %s vs %s tok/s", sep, $2, $3, $5, $6; sep = "; " }' "$WORK/logs/generate.log")"
+
+# --- a timed fine-tune of GPT-2 Small shapes on a corpus of the published run's size ---------------
+
+if ((DRY_RUN)); then
+    MODEL='{"n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}' VOCAB=1000
+    FINETUNE_ARGS=(--epochs 1 --max-steps 2 --batch-size 2 --block-size 64 --device cpu)
+else
+    MODEL='{}' VOCAB=50257  # transformers' GPT2Config defaults: GPT-2 Small
+    FINETUNE_ARGS=(--epochs 10 --device cuda)
+fi
+run_step prepare 300 "$PYTHON" - "$WORK" "$VOCAB" "$MODEL" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2kids.data import BUNDLED_STORIES, read_stories
+from gpt2kids.tokenizer import Tokenizer
+
+work, vocab, shape = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+corpus = work / "corpus"
+shutil.rmtree(corpus, ignore_errors=True)
+corpus.mkdir()
+stories = sorted(BUNDLED_STORIES.glob("*.txt"))
+size, copy = 0, 0
+while size < 860_000:  # the published run's corpus: ~860 KB of stories
+    for story in stories:
+        target = corpus / f"{copy:02d}-{story.name}"
+        shutil.copy(story, target)
+        size += target.stat().st_size
+    copy += 1
+tokenizer = Tokenizer.train(read_stories(BUNDLED_STORIES), vocab)
+init = work / "init"
+config = GPT2Config(vocab_size=vocab, bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, **shape)
+GPT2LMHeadModel(config).save_pretrained(init)
+tokenizer.save(init)
+print(f"corpus {size} bytes in {len(list(corpus.iterdir()))} files; init {init} ({config.n_layer} layers)")
+EOF
+figure "$(tail -n 1 "$WORK/logs/prepare.log")"
+
+run_step finetune 600 "$PYTHON" train.py --init "$WORK/init" --data "$WORK/corpus" --out "$WORK/run" "${FINETUNE_ARGS[@]}"
+# The run's first line (parameters, blocks, steps) and its last epoch line (losses, seconds).
+figure "$(grep -m 1 -o '[0-9,]* parameters on .*' "$WORK/logs/finetune.log")$(grep -E '^epoch [0-9]+/[0-9]+: ' \
+    "$WORK/logs/finetune.log" | tail -n 1 | sed 's/^/; /')"
+
+exit "$FAILED"
