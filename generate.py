@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
+from gpt2kids.hf import resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.text_generation import HUB_DEFAULT, StoryGenerator, check_prompt_text, choose_model, read_prompts_file
 from gpt2kids.text_output import TextStream, write_jsonl
@@ -124,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--serve for a web page (see python generate.py --help)")
 
     spec, why = choose_model(args.model)
+    print(f"model: {resolve(spec)}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too
     generator = StoryGenerator.load(spec, args.device, args.precision)
-    print(f"model: {generator.description}: {why}", file=sys.stderr)
+    print(f"loaded on {generator.description}", file=sys.stderr)
     if settings.max_new_tokens >= generator.model.config.n_positions:
         print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
               f"{generator.model.config.n_positions}; generation stops when the context is full", file=sys.stderr)

@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
-from gpt2kids.io import atomic_write_text
 from gpt2kids.model import GPT2
 
 FEW_ROWS = 8  # batched decoding: the kernels for more than one row are timed at this many rows

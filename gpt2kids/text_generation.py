@@ -96,7 +96,7 @@ class StoryGenerator:
     @property
     def description(self) -> str:
         dtype = str(self.model.transformer.wte.weight.dtype).removeprefix("torch.")
-        return f"{self.folder} on {self.device} ({dtype} weights)"
+        return f"{self.device} ({dtype} weights)"
 
     def encode(self, prompts: Sequence[str], settings: SamplingSettings) -> list[list[int]]:
         """Token ids of each prompt; says on stderr when a prompt must lose its start to fit the context."""

@@ -48,7 +48,15 @@ def test_cpu_bf16_is_read_from_cpuinfo(cpuinfo, text, fast):
     cpuinfo["text"] = text
     assert device.cpu_has_fast_bf16() is fast
     assert choose_precision("auto", CPU).name == ("bf16" if fast else "fp32")
-    assert weights_dtype_for_inference("auto", CPU) == (torch.bfloat16 if fast else torch.float32)
+
+
+@pytest.mark.parametrize("measured", [torch.float32, torch.bfloat16])
+def test_decoding_auto_on_cpu_follows_the_measurement_not_the_flags(cpuinfo, monkeypatch, measured):
+    from gpt2kids import decoding_kernels
+
+    cpuinfo["text"] = cpu_flags("avx512_bf16")  # flags that would say bf16
+    monkeypatch.setattr(decoding_kernels, "decoding_dtype", lambda config=None, **kwargs: measured)
+    assert weights_dtype_for_inference("auto", CPU) == measured
 
 
 @pytest.mark.parametrize("bf16, name, dtype, scaler", [
