@@ -17,6 +17,7 @@ from typing import TextIO
 
 import torch
 
+from gpt2kids.config import GPT2Config
 from gpt2kids.decoding import optimize_for_decoding
 from gpt2kids.device import PRECISIONS, resolve_device, weights_dtype_for_inference
 from gpt2kids.errors import ArgumentParser, UserError
@@ -142,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = newest_export()
         spec = str(found) if found is not None else HUB_DEFAULT
     device = resolve_device(args.device)
-    dtype = weights_dtype_for_inference(args.precision, device)
     folder = resolve(spec)  # first, so a bad --model is the only line on stderr
+    # auto on CPU: the dtype a decode step of this model's shapes runs fastest in (measured once, cached)
+    dtype = weights_dtype_for_inference(args.precision, device, GPT2Config.from_json_file(folder / "config.json"))
     print(f"loading {folder} on {device} ({str(dtype).removeprefix('torch.')} weights)", file=sys.stderr)
     model, folder = load_model(folder, device, dtype)
     optimize_for_decoding(model.eval())
