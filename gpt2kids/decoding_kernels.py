@@ -19,15 +19,18 @@ accumulation, only in another order:
 - `bag-P`: the same blocks through `F.embedding_bag` with per-sample weights, one row: x @ W.T is
   the x-weighted sum of the rows of W.T, one bag per block, the bags in parallel. A native PyTorch
   kernel (fbgemm), reached without oneDNN and without `torch.backends.mkldnn.enabled`, a
-  process-wide switch that is not safe to flip while other threads compute.
+  process-wide switch that is not safe to flip while other threads compute;
+- `packed`: oneDNN's Linear on a weight reordered once into its own blocked format
+  (`torch.ops.mkldnn._linear_pointwise`, what torch.compile's CPU backend calls).
 
 A Linear holds its weight in one layout (`layouts`), which serves every number of rows: a one-row
-input takes the layout's kernel chosen for one row, more rows the one chosen for `FEW_ROWS` rows.
-The layout kept is the one whose two chosen kernels take least time together. The tied LM head
+input takes the layout's fastest kernel for one row, more rows its fastest for `FEW_ROWS` rows. The
+layout kept is the one with the fastest one-row kernel, or one nearly as fast there that is faster
+for more rows (`decide`). The tied LM head
 keeps one copy of its weight, which the token embedding reads too. Timings run on synthetic weights
-of the model's shapes, as many of each as the model holds, so that calls read weights from memory
-as a decode step does; candidates alternate, and each figure is a median. A measurement during
-which other work used much of the CPUs is used but not cached.
+of the model's shapes, as many of each as the model holds, called in the model's order, so that the
+weights come from memory (or cache) as in a decode step; passes of the candidates alternate, and each
+figure is a median. A measurement during which other work used much of the CPUs is used but not cached.
 
 `optimize_for_decoding` applies the decisions to a built model; `decoding_dtype` compares a decode
 step's products in fp32 and bf16 for `--precision auto`. Afterwards the model can only decode: most
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -59,9 +63,11 @@ from gpt2kids.model import GPT2
 
 FEW_ROWS = 8  # batched decoding: the kernels for more than one row are timed at this many rows
 BUSY_LIMIT = 0.25  # share of the machine's CPUs used by other work above which a measurement is not cached
-ROUNDS = 3  # timed calls per candidate; the median is kept
+ROUNDS = 2  # timed passes per kernel; the median over passes and copies is kept
+PRUNE = 2.5  # after one timed round, kernels this many times slower than the best are not timed again
+ONE_ROW_SLACK = 0.1  # a layout this much slower for one row than the fastest may still win on more rows
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # --- layouts and kernels --------------------------------------------------------------------------
@@ -89,15 +95,17 @@ def layouts(tied: bool, parts: int | None = None) -> dict[str, tuple[list[str], 
     """Each layout a weight can be held in: (its kernels for one row, its kernels for more rows).
 
     `rows`: the (out, in) weight as it is. `cols`: an (in, out) copy. `blocks-P`: (P, in [+ 1 for the
-    bias], out/P), the output columns in P blocks. A tied weight has one copy for the head and the
-    embedding: `cols-P`, (in, out) padded to P blocks, whose blocks are strided views.
+    bias], out/P), the output columns in P blocks. `packed`: oneDNN's own blocked format for a
+    Linear (`torch.ops.mkldnn._reorder_linear_weight`, packed for `FEW_ROWS` rows). A tied weight
+    keeps one copy for the head and the embedding: `rows`, or `cols-P`, (in, out) padded to P
+    blocks, whose blocks are strided views (a packed copy could not serve the embedding).
     """
     parts = parts or torch.get_num_threads()
     split, bag = f"split-{parts}", f"bag-{parts}"
     if tied:
         return {"rows": (["linear", "mv"], ["linear"]), f"cols-{parts}": (["cols", split, bag], ["cols", split])}
     return {"rows": (["linear", "mv"], ["linear"]), "cols": (["cols"], ["cols"]),
-            f"blocks-{parts}": ([split, bag], [split])}
+            f"blocks-{parts}": ([split, bag], [split]), "packed": (["packed"], ["packed"])}
 
 
 def kernel_parts(kernel: str) -> int:
@@ -108,13 +116,15 @@ def kernel_parts(kernel: str) -> int:
 def layout_for(kernel: str, tied: bool) -> str:
     """The layout in which `kernel` computes one row (split and bag: one block per thread unless given)."""
     name, _, count = kernel.partition("-")
-    if name not in ("linear", "mv", "cols", "split", "bag") or (count and name not in ("split", "bag")):
+    if name not in ("linear", "mv", "cols", "split", "bag", "packed") or (count and name not in ("split", "bag")):
         raise ValueError(f"unknown decoding kernel {kernel!r}")
     if count and (not count.isdigit() or int(count) < 1):
         raise ValueError(f"decoding kernel {kernel!r} needs a whole number of blocks")
     parts = kernel_parts(kernel)
-    if name in ("linear", "mv"):
+    if name in ("linear", "mv") or (name == "packed" and tied):  # no packed copy of a shared weight
         return "rows"
+    if name == "packed":
+        return "packed"
     if tied:
         return f"cols-{parts}"
     return "cols" if name == "cols" else f"blocks-{parts}"
@@ -125,6 +135,7 @@ def forced_choice(force: str, tied: bool) -> tuple[str, str, str]:
 
     The layout is the one where ONE runs; MORE is used where that layout runs it, else the layout's
     first kernel for more rows (so "bag/cols" gives the tied head `cols` and other Linears `split`).
+    `packed` gives a tied weight `linear`.
     """
     one, _, more = force.partition("/")
     layout = layout_for(one, tied)
@@ -132,7 +143,8 @@ def forced_choice(force: str, tied: bool) -> tuple[str, str, str]:
         layout_for(more, tied)  # a known name
     parts = int(layout.partition("-")[2] or torch.get_num_threads())
     one_kernels, more_kernels = layouts(tied, parts)[layout]
-    one = next(kernel for kernel in one_kernels if kernel.partition("-")[0] == one.partition("-")[0])
+    one = next((kernel for kernel in one_kernels if kernel.partition("-")[0] == one.partition("-")[0]),
+               one_kernels[0])
     matches = [kernel for kernel in more_kernels if kernel.partition("-")[0] == more.partition("-")[0]]
     return layout, one, matches[0] if matches else more_kernels[0]
 
@@ -141,7 +153,7 @@ def storage_shape(layout: str, shape: LinearShape) -> tuple[int, ...]:
     """The shape of the one tensor that holds a weight (and in `blocks-P`, its bias) in `layout`."""
     out_features, in_features = shape.out_features, shape.in_features
     name, _, count = layout.partition("-")
-    if name == "rows":
+    if name in ("rows", "packed"):  # packed: the shape oneDNN's tensor reports
         return (out_features, in_features)
     if not count:
         return (in_features, out_features)
@@ -155,6 +167,8 @@ def storage_shape(layout: str, shape: LinearShape) -> tuple[int, ...]:
 def lay_out(weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> torch.Tensor:
     """A copy of (out, in) `weight` in `layout` (`blocks-P` with the bias as the last row of each block)."""
     weight = weight.detach()
+    if layout == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), FEW_ROWS)
     out_features, in_features = weight.shape
     shape = LinearShape(out_features, in_features, bias is not None, False)
     storage = weight.new_zeros(storage_shape(layout, shape))
@@ -198,6 +212,9 @@ class DecodingLinear(nn.Module):
                 self.weight = storage
             else:
                 self.register_buffer("weight", storage)
+            return
+        if name == "packed":
+            self.register_buffer("packed", storage)
             return
         self.register_buffer("storage", storage)
         self.parts = kernel_parts(layout)
@@ -244,6 +261,8 @@ class DecodingLinear(nn.Module):
         name = kernel.partition("-")[0]
         if name == "linear":
             return F.linear(rows, self.weight, self.bias)
+        if name == "packed":
+            return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         if name == "mv":
             vector = rows[0]
             if self.bias is None:
@@ -306,92 +325,150 @@ def config_shapes(config: GPT2Config) -> dict[LinearShape, int]:
 
 # --- timing the candidates ------------------------------------------------------------------------
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache's size (Linux sysfs), 32 MiB where unknown: sizes the flush between rounds."""
-    sizes = [0]
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        with contextlib.suppress(OSError, ValueError):
-            text = path.read_text().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            sizes.append(int(text.rstrip("KMG")) * scale)
-    return max(sizes) or 32 << 20
+def families(shape: LinearShape) -> dict[str, str]:
+    """The layout each family of kernels uses for `shape` (a tied weight has no packed copy)."""
+    parts = torch.get_num_threads()
+    if shape.tied:
+        return {"rows": "rows", "cols": f"cols-{parts}", "blocks": f"cols-{parts}"}
+    return {"rows": "rows", "cols": "cols", "blocks": f"blocks-{parts}", "packed": "packed"}
 
 
-_flush_buffer: torch.Tensor | None = None
+FAMILY_KERNELS = {  # family: (kernel names for one row, for more rows)
+    "rows": (["linear", "mv"], ["linear"]), "cols": (["cols"], ["cols"]),
+    "blocks": (["split", "bag"], ["split"]), "packed": (["packed"], ["packed"]),
+}
 
 
-def flush_caches() -> None:
-    """Read twice the last-level cache's worth of other memory, so the next calls find their weights cold."""
-    global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = torch.ones(min(2 * last_level_cache_bytes(), 1 << 30) // 4)
-    _flush_buffer.sum()
+def _named(kernels: list[str], name: str) -> str | None:
+    return next((kernel for kernel in kernels if kernel.partition("-")[0] == name), None)
 
 
 @torch.inference_mode()
-def time_candidates(shape: LinearShape, count: int, dtype: torch.dtype,
-                    cold: bool = True) -> dict[str, dict[str, float]]:
-    """Median seconds per call of every kernel: {"1": {one-row kernel: s}, "8": {kernel for more rows: s}}.
+def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> dict[LinearShape, dict[str, dict]]:
+    """Median seconds per call of every kernel, per shape: {"1": {kernel: s}, "8": {kernel: s}}.
 
-    Each layout gets `count` synthetic weights (as many as the model holds). With `cold` (a model
-    larger than the cache) the caches are flushed before every round, so each call reads its weight
-    from memory, as in a decode step, where the rest of the model passes between two uses of a
-    weight. The values are constant: none of these kernels depends on them. An untimed first round
-    takes the kernels' set-up (oneDNN primitives, thread pools). A kernel that fails is left out.
+    A family of kernels at a time (`FAMILY_KERNELS`), every shape gets as many synthetic weights as
+    the model holds, in the family's layout, and each timed round is a pass over them in the model's
+    order, each call to the next weight (every other weight of a shape per round): the traffic of a
+    decode step, whose weights come from memory, or from the cache when the model fits in it. The
+    values are constant: none of these kernels depends on them. Untimed first calls take the kernels'
+    set-up (oneDNN primitives, thread pools). After the first round, a kernel more than `PRUNE` times
+    slower than the family's best for a shape is not timed again on it (its one figure stands). A
+    layout or kernel that fails is left out.
     """
-    one = torch.randn(1, shape.in_features).to(dtype)
-    few = torch.randn(FEW_ROWS, shape.in_features).to(dtype)
-    bias = torch.full((shape.out_features,), 0.01, dtype=dtype) if shape.bias else None
-    tasks: list[tuple[str, str, list[DecodingLinear], torch.Tensor]] = []  # (rows class, kernel, weights, input)
-    for layout, (one_kernels, more_kernels) in layouts(shape.tied).items():
-        storage = torch.full((count, *storage_shape(layout, shape)), 0.01, dtype=dtype)
-        modules = [DecodingLinear(storage[i], bias, shape, layout, one_kernels[0], more_kernels[0])
-                   for i in range(count)]
-        tasks += [("1", kernel, modules, one) for kernel in one_kernels]
-        tasks += [(str(FEW_ROWS), kernel, modules, few) for kernel in more_kernels]
-    samples: dict[tuple[str, str], list[float]] = {(rows, kernel): [] for rows, kernel, _, _ in tasks}
-    for round_index in range(ROUNDS + 1):  # candidates alternate, so a change of load hits all alike
-        if cold:
-            flush_caches()
-        for task_index, (rows, kernel, modules, x) in enumerate(tasks):
-            if (rows, kernel) not in samples:
+    rows_classes = {"1": None, str(FEW_ROWS): None}
+    inputs = {(width, rows): torch.randn(int(rows), width).to(dtype)
+              for shape in shapes for width in (shape.in_features,) for rows in rows_classes}
+    # The calls of one pass in the model's order: a shape held n times is called at 1/n, 2/n, ... 1.
+    order = sorted(((copy + 1) / count, index, copy) for index, count in enumerate(shapes.values())
+                   for copy in range(count))
+    listed = list(shapes)
+
+    def pooled(layout: str, shape: LinearShape) -> tuple[int, ...]:  # what a weight takes from the pool
+        return storage_shape("rows" if layout == "packed" else layout, shape)
+
+    # One buffer serves every family in turn (filled once: fresh memory would be page-faulted in
+    # during the timings); the tied weight's copy, which two families read, has its own.
+    def is_shared(shape: LinearShape, layout: str) -> bool:
+        return shape.tied and layout != "rows"
+
+    pool = torch.full((max(sum(count * math.prod(pooled(layout, shape)) for shape, count in shapes.items()
+                                for layout in [families(shape).get(family)]
+                                if layout and not is_shared(shape, layout))
+                            for family in FAMILY_KERNELS),), 0.01, dtype=dtype)
+    samples: dict[tuple[LinearShape, str, str], list[float]] = {}
+    shared: dict[tuple[LinearShape, str], list[DecodingLinear]] = {}
+    for family, (one_names, more_names) in FAMILY_KERNELS.items():
+        modules: dict[LinearShape, list[DecodingLinear]] = {}
+        offset = 0
+        for shape, count in shapes.items():
+            layout = families(shape).get(family)
+            if layout is None:
                 continue
-            # Within a round, every call of a layout reads another of its weights (when it has enough).
-            module = modules[(round_index * len(tasks) + task_index) % count]
-            start = time.perf_counter()
+            if (shape, layout) in shared:
+                modules[shape] = shared[shape, layout]
+                continue
+            one_kernels, more_kernels = layouts(shape.tied)[layout]
+            bias = torch.full((shape.out_features,), 0.01, dtype=dtype) if shape.bias else None
+            dims = pooled(layout, shape)
+            if is_shared(shape, layout):
+                storages = list(torch.full((count, *dims), 0.01, dtype=dtype).unbind())
+            else:
+                storages = list(pool[offset:offset + count * math.prod(dims)].view(count, *dims).unbind())
+                offset += count * math.prod(dims)
             try:
-                module.compute(x, kernel)
-            except RuntimeError:
-                del samples[rows, kernel]
+                if layout == "packed":  # oneDNN's own copies, packed from row-major weights
+                    storages = [lay_out(weight, None, layout) for weight in storages]
+                modules[shape] = [DecodingLinear(storage, bias, shape, layout, one_kernels[0], more_kernels[0])
+                                  for storage in storages]
+            except (RuntimeError, AttributeError):  # e.g. a torch built without oneDNN has no packed layout
                 continue
-            if round_index > 0:
-                samples[rows, kernel].append(time.perf_counter() - start)
-    timings: dict[str, dict[str, float]] = {"1": {}, str(FEW_ROWS): {}}
-    for (rows, kernel), values in samples.items():
-        timings[rows][kernel] = statistics.median(values)
+            if is_shared(shape, layout):
+                shared[shape, layout] = modules[shape]
+        tasks = [(rows, name) for rows, names in (("1", one_names), (str(FEW_ROWS), more_names)) for name in names]
+        kernel_of: dict[tuple[LinearShape, str, str], str] = {}
+        for shape, weights in modules.items():  # set-up calls, untimed
+            one_kernels, more_kernels = layouts(shape.tied)[weights[0].layout]
+            for rows, name in tasks:
+                kernel = _named(one_kernels if rows == "1" else more_kernels, name)
+                if kernel is None:
+                    continue
+                try:
+                    weights[0].compute(inputs[shape.in_features, rows], kernel)
+                except RuntimeError:
+                    continue
+                kernel_of[shape, rows, name] = kernel
+                samples[shape, rows, kernel] = []
+        for round_index in range(ROUNDS):
+            for rows, name in tasks if round_index % 2 == 0 else tasks[::-1]:  # alternate the order
+                for _, index, copy in order:
+                    shape = listed[index]
+                    kernel = kernel_of.get((shape, rows, name))
+                    # Each round times every other copy of a shape held more than once (the others
+                    # in the next round): half the calls, and still the model's traffic in between.
+                    if kernel is None or (shapes[shape] > 1 and (copy + round_index) % 2):
+                        continue
+                    x, module = inputs[shape.in_features, rows], modules[shape][copy]
+                    start = time.perf_counter()
+                    module.compute(x, kernel)
+                    samples[shape, rows, kernel].append(time.perf_counter() - start)
+            if round_index == 0:  # drop the hopeless: their first figures stand
+                first = {key: statistics.median(samples[key[0], key[1], kernel]) for key, kernel in kernel_of.items()}
+                for shape, rows, name in list(kernel_of):
+                    best = min(value for (other, other_rows, _), value in first.items()
+                               if other == shape and other_rows == rows)
+                    if first[shape, rows, name] > PRUNE * best:
+                        del kernel_of[shape, rows, name]
+        del modules
+    timings: dict[LinearShape, dict[str, dict]] = {shape: {rows: {} for rows in rows_classes} for shape in shapes}
+    for (shape, rows, kernel), values in samples.items():
+        timings[shape][rows][kernel] = statistics.median(values)
     return timings
 
 
 def decide(shape: LinearShape, timings: Mapping[str, Mapping[str, float]]) -> tuple[str, str, str]:
-    """(layout, one-row kernel, kernel for more rows): the layout whose two fastest kernels take least together."""
+    """(layout, one-row kernel, kernel for more rows), each kernel the fastest of its rows class in the layout.
+
+    One row (batch-1 decoding, the common case) comes first: the layout with the fastest one-row
+    kernel is kept, unless another one within `ONE_ROW_SLACK` of it runs `FEW_ROWS` rows faster.
+    """
     one, few = timings["1"], timings[str(FEW_ROWS)]
     parts = None
     for kernel in [*one, *few]:
         if kernel.partition("-")[2]:
             parts = kernel_parts(kernel)
-    best: tuple[float, str, str, str] | None = None
+    options = []  # (one-row seconds, more-rows seconds, layout, one-row kernel, more-rows kernel)
     for layout, (one_kernels, more_kernels) in layouts(shape.tied, parts).items():
         one_timed = [kernel for kernel in one_kernels if kernel in one]
         more_timed = [kernel for kernel in more_kernels if kernel in few]
-        if not one_timed or not more_timed:
-            continue
-        one_best, more_best = min(one_timed, key=one.__getitem__), min(more_timed, key=few.__getitem__)
-        score = one[one_best] + few[more_best]
-        if best is None or score < best[0]:
-            best = (score, layout, one_best, more_best)
-    if best is None:
+        if one_timed and more_timed:
+            one_best, more_best = min(one_timed, key=one.__getitem__), min(more_timed, key=few.__getitem__)
+            options.append((one[one_best], few[more_best], layout, one_best, more_best))
+    if not options:
         return "rows", "linear", "linear"  # nothing could be timed: what the plain model runs
-    return best[1:]
+    fastest = min(option[0] for option in options)
+    close = [option for option in options if option[0] <= (1 + ONE_ROW_SLACK) * fastest]
+    return min(close, key=lambda option: option[1])[2:]
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -454,23 +531,26 @@ def ensure_measured(shapes: Mapping[LinearShape, int], dtypes: list[torch.dtype]
     """Every (shape, dtype)'s entry, from the cache or measured now, and a note on where they came from."""
     with _lock:
         path = cache_file()
-        known = {**_read_cache(path), **_uncached.get(path, {})}
+        cached, uncached = _read_cache(path), _uncached.get(path, {})
+        known = {**cached, **uncached}
+        wanted = [shape.key(dtype) for dtype in dtypes for shape in shapes]
         missing = [(shape, count, dtype) for dtype in dtypes for shape, count in shapes.items()
                    if shape.key(dtype) not in known]
         if not missing:
-            return known, f"cached in {path}"
+            if all(key in cached for key in wanted):
+                return known, f"cached in {path}"
+            return known, "measured earlier in this process, not cached"
         fresh: dict[str, dict] = {}
 
-        cache_bytes = last_level_cache_bytes()
-        model_bytes = {dtype: sum(count * shape.out_features * shape.in_features * dtype.itemsize
-                                  for shape, count in shapes.items()) for dtype in dtypes}
-
         def measure() -> None:
-            for shape, count, dtype in missing:
-                timings = time_candidates(shape, count, dtype, cold=model_bytes[dtype] > cache_bytes)
-                layout, one_row, more_rows = decide(shape, timings)
-                fresh[shape.key(dtype)] = {"count": count, "layout": layout, "one_row": one_row,
-                                           "more_rows": more_rows, "seconds": timings}
+            for dtype in dtypes:
+                wanted_shapes = {shape: count for shape, count, missing_dtype in missing if missing_dtype == dtype}
+                if not wanted_shapes:
+                    continue
+                for shape, timings in time_candidates(wanted_shapes, dtype).items():
+                    layout, one_row, more_rows = decide(shape, timings)
+                    fresh[shape.key(dtype)] = {"count": wanted_shapes[shape], "layout": layout, "one_row": one_row,
+                                               "more_rows": more_rows, "seconds": timings}
 
         start = time.perf_counter()
         busy = foreign_share(measure)

@@ -32,7 +32,7 @@ VOCAB = 101  # odd, like GPT-2's 50257: the last block of a split layout is padd
 EOS = VOCAB - 1  # conftest's hf_model puts end-of-text last
 TINY = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4)
 # One-row kernels to force: split and bag with one block per thread, and with 3 blocks (101 = 3 x 34 - 1).
-KERNELS = ["linear", "mv", "cols", "split", "bag", "split-3", "bag-3"]
+KERNELS = ["linear", "mv", "cols", "split", "bag", "split-3", "bag-3", "packed"]
 # For the tied head every one-row kernel of the padded column-major copy meets each kernel for more rows.
 TIED_KERNELS = ["linear", "mv",
                 *[f"{one}/{more}" for one in ("cols", "split-3", "bag-3") for more in ("cols", "split")]]
@@ -115,17 +115,22 @@ def test_unknown_kernels_are_refused():
             forced_choice(bad, tied=False)
 
 
-def test_decide_weighs_one_row_and_more_rows_together():
+def test_decide_puts_one_row_first_and_breaks_near_ties_on_more_rows():
     shape = LinearShape(64, 24, True, False)
-    # blocks-2 has the fastest one-row kernel (bag) but a slow kernel for more rows: rows wins in total.
+    # blocks-2 has the fastest one-row kernel (bag), however slow its kernel for more rows.
     timings = {"1": {"linear": 3.0, "mv": 2.0, "cols": 4.0, "split-2": 5.0, "bag-2": 1.0},
                str(FEW_ROWS): {"linear": 3.0, "cols": 6.0, "split-2": 9.0}}
+    assert decide(shape, timings) == ("blocks-2", "bag-2", "split-2")
+    # Within 10% for one row, the layout that runs more rows faster is kept.
+    timings["1"]["mv"] = 1.05
     assert decide(shape, timings) == ("rows", "mv", "linear")
-    timings[str(FEW_ROWS)]["split-2"] = 3.5
+    timings["1"]["mv"] = 1.2
     assert decide(shape, timings) == ("blocks-2", "bag-2", "split-2")
     # A kernel that could not run is missing from the timings: its layout is judged without it.
     del timings["1"]["bag-2"]
     assert decide(shape, timings) == ("rows", "mv", "linear")
+    # Nothing timed at all: what the plain model runs.
+    assert decide(shape, {"1": {}, str(FEW_ROWS): {}}) == ("rows", "linear", "linear")
 
 
 # --- the measurement and its cache ----------------------------------------------------------------
@@ -137,9 +142,9 @@ def counted(monkeypatch, tmp_path):
     calls = []
     measure = decoding.time_candidates
 
-    def counting(shape, count, dtype, cold=True):
-        calls.append((shape, dtype))
-        return measure(shape, count, dtype, cold)
+    def counting(shapes, dtype):
+        calls.extend((shape, dtype) for shape in shapes)  # one entry per shape measured
+        return measure(shapes, dtype)
 
     monkeypatch.setattr(decoding, "time_candidates", counting)
     return calls
@@ -164,7 +169,7 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(counted, tmp_path,
     assert set(stored["shapes"]) == {shape.key(torch.float32) for shape in shapes}
     entry = stored["shapes"][LinearShape(VOCAB, 48, False, True).key(torch.float32)]
     assert set(entry["seconds"]["1"]) == {"linear", "mv", "cols", f"split-{torch.get_num_threads()}",
-                                          f"bag-{torch.get_num_threads()}"}
+                                          f"bag-{torch.get_num_threads()}"}  # no packed copy of a tied weight
     assert choose_kernels(shapes, torch.float32) == first
     assert len(counted) == len(shapes)  # no second measurement
     assert capfd.readouterr().err.startswith(f"decoding kernels for this machine (cached in {files[0]}): fp32")
@@ -201,6 +206,7 @@ def test_a_disturbed_measurement_is_used_but_not_cached(counted, monkeypatch, tm
     assert not list(tmp_path.glob("decoding-kernels/*.json"))
     choose_kernels(shapes, torch.float32)  # this process keeps what it measured
     assert len(counted) == len(shapes)
+    assert "(measured earlier in this process, not cached)" in capfd.readouterr().err
 
 
 def test_a_damaged_cache_is_measured_again_and_rewritten(counted, tmp_path):
@@ -253,7 +259,7 @@ def tiny_pair(dtype: torch.dtype, kernel: str | None, seed: int = 1) -> tuple[GP
     return plain, optimize_for_decoding(optimized, kernel)
 
 
-@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS, "split", "bag"])
+@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS, "split", "bag", "packed"])
 def test_optimized_model_gives_the_plain_greedy_tokens_in_fp32(counted, kernel):
     plain, optimized = tiny_pair(torch.float32, kernel)
     settings = SamplingSettings(max_new_tokens=20, greedy=True)
@@ -274,7 +280,7 @@ def step_logits(model: GPT2, ids: torch.Tensor) -> torch.Tensor:
         return model(ids[:, -1:], kv_cache=cache).float()
 
 
-@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS, "split", "bag"])
+@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS, "split", "bag", "packed"])
 @pytest.mark.parametrize("batch", [1, 3], ids=["single-prompt", "batch"])
 def test_optimized_bf16_logits_stay_within_bf16_rounding(counted, kernel, batch):
     plain, optimized = tiny_pair(torch.bfloat16, kernel)
@@ -301,7 +307,7 @@ def test_the_hf_folder_loads_and_decodes_like_the_plain_model(counted, hf_checkp
     assert generate(optimized, prompts, settings, EOS) == generate(plain.eval(), prompts, settings, EOS)
 
 
-@pytest.mark.parametrize("kernel", [None, "linear", "mv", "bag/cols", "split/split"])
+@pytest.mark.parametrize("kernel", [None, "linear", "mv", "bag/cols", "split/split", "packed"])
 def test_two_threads_decoding_at_once_get_what_each_gets_alone(counted, monkeypatch, kernel):
     _, model = tiny_pair(torch.bfloat16, kernel, seed=2)
 
