@@ -4,9 +4,9 @@ The page is a gradio app (what model demos on the hub are built with), so the ap
 returns also runs as a Space. gradio is an optional extra (`pip install -e ".[demo]"`): it is
 imported only here, and only when a page is built.
 
-The model is loaded once and shared by every request. One story is decoded at a time: the decode
-kernels flip a process-wide oneDNN switch (see `gpt2kids.decoding`), so requests wait in gradio's
-queue instead of running side by side. Each story is decoded in a worker thread that feeds a queue,
+The model is loaded once and shared by every request. One story is decoded at a time: a decode step
+already uses every core, so two side by side would each run at half speed; requests wait in gradio's
+queue instead. Each story is decoded in a worker thread that feeds a queue,
 and the page shows the text as it grows.
 """
 
