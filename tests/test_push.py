@@ -163,3 +163,19 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
     assert snapshot(tmp_path) == before
+
+
+def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path, init_folder, corpus):
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
+    environment.update({"HF_HOME": str(home), "HF_HUB_OFFLINE": "0"})
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", "--data", str(corpus), "--init", str(init_folder),
+                             "--out", str(out), "--device", "cpu", "--push-to-hub", "me/kids"], cwd=REPO,
+                            env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no Hugging Face token" in lines[0], result.stderr
+    assert not out.exists()  # nothing trained, nothing written
