@@ -59,6 +59,7 @@ from torch import nn
 
 from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
+from gpt2kids.device import DTYPES
 from gpt2kids.model import GPT2
 
 FEW_ROWS = 8  # batched decoding: the kernels for more than one row are timed at this many rows
@@ -66,7 +67,7 @@ BUSY_LIMIT = 0.25  # share of the machine's CPUs used by other work above which 
 ROUNDS = 2  # timed passes per kernel; the median over passes and copies is kept
 PRUNE = 2.5  # after one timed round, kernels this many times slower than the best are not timed again
 ONE_ROW_SLACK = 0.1  # a layout this much slower for one row than the fastest may still win on more rows
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 CACHE_VERSION = 2
 
 
