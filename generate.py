@@ -125,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--serve for a web page (see python generate.py --help)")
 
     spec, why = choose_model(args.model)
-    print(f"model: {resolve(spec)}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too
-    generator = StoryGenerator.load(spec, args.device, args.precision)
+    folder = resolve(spec)  # a hub id is fetched (or found in the cache) once, here
+    print(f"model: {folder}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too
+    generator = StoryGenerator.load(str(folder), args.device, args.precision)
     print(f"loaded on {generator.description}", file=sys.stderr)
     if settings.max_new_tokens >= generator.model.config.n_positions:
         print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "

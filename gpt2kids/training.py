@@ -411,6 +411,8 @@ def run_epochs(run: Run) -> Progress:
 
 
 def report_where_things_are(run: Run) -> None:
+    if not run.dist.is_main:
+        return  # only the main process reports (and walks the run folder for its size)
     folder = run.folder
     exports = [f"{folder / name}/" for name in run_folder.EXPORTS if (folder / name).is_dir()]
     run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds "

@@ -130,3 +130,16 @@ def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def model_folder(tokenizer, tmp_path_factory) -> Path:
+    """A small random GPT-2 exported with the session's tokenizer: what generate.py loads in tests."""
+    from gpt2kids.config import GPT2Config
+    from gpt2kids.hf import export
+    from gpt2kids.model import GPT2
+
+    torch.manual_seed(5)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    folder = tmp_path_factory.mktemp("export") / "final"
+    export(GPT2(config), tokenizer, folder)
+    return folder

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ from conftest import REPO, config_for, final_weights, hf_model
 from safetensors.torch import load_file
 
 from gpt2kids import data
-from gpt2kids.config import GPT2Config
-from gpt2kids.hf import export, load_model
-from gpt2kids.model import GPT2
+from gpt2kids.hf import load_model
 from gpt2kids.tokenizer import Tokenizer
 from gpt2kids.training import optimizer_step, prepare_run, train
 
@@ -110,16 +107,6 @@ def test_compiled_training_on_cuda_matches_eager(tmp_path, init_folder, corpus):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     assert not torch.equal(a["transformer.wte.weight"], load_file(init_folder / "model.safetensors")
                            ["transformer.wte.weight"])
-
-
-@pytest.fixture(scope="module")
-def model_folder(tokenizer, tmp_path_factory) -> Path:
-    torch.manual_seed(5)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-    folder = tmp_path_factory.mktemp("export") / "final"
-    export(GPT2(config), tokenizer, folder)
-    return folder
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(not BF16,

@@ -13,22 +13,9 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXTS
 
-from gpt2kids.config import GPT2Config
-from gpt2kids.hf import export
-from gpt2kids.model import GPT2
 from gpt2kids.text_generation import newest_export
 from gpt2kids.text_output import TextStream
 from gpt2kids.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="session")
-def model_folder(tokenizer, tmp_path_factory) -> Path:
-    torch.manual_seed(5)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-    folder = tmp_path_factory.mktemp("export") / "final"
-    export(GPT2(config), tokenizer, folder)
-    return folder
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
