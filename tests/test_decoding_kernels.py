@@ -19,8 +19,8 @@ from gpt2kids.decoding_kernels import (
     choose_kernels,
     decide,
     decoding_dtype,
-    forced_choice,
     optimize_for_decoding,
+    resolve,
 )
 from gpt2kids.device import weights_dtype_for_inference
 from gpt2kids.errors import UserError
@@ -32,7 +32,7 @@ VOCAB = 101  # odd, like GPT-2's 50257: the last block of a split layout is padd
 EOS = VOCAB - 1  # conftest's hf_model puts end-of-text last
 TINY = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4)
 # One-row kernels to force: split and bag with one block per thread, and with 3 blocks (101 = 3 x 34 - 1).
-KERNELS = ["linear", "mv", "cols", "split", "bag", "split-3", "bag-3", "packed"]
+KERNELS = ["linear", "mv", "split", "bag", "split-3", "bag-3", "packed"]
 # For the tied head every one-row kernel of the padded column-major copy meets each kernel for more rows.
 TIED_KERNELS = ["linear", "mv",
                 *[f"{one}/{more}" for one in ("cols", "split-3", "bag-3") for more in ("cols", "split")]]
@@ -82,7 +82,7 @@ def test_every_kernel_computes_the_linear(kernel, bias, out_features, rows, dtyp
     torch.manual_seed(0)
     linear = nn.Linear(24, out_features, bias=bias).to(dtype)
     weight, bias_values = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
-    module = DecodingLinear.from_linear(linear, *forced_choice(kernel, tied=False))
+    module = DecodingLinear(linear, kernel)
     assert module.one_row.partition("-")[0] == kernel.partition("-")[0]
     x = torch.randn(rows, 1, 24).to(dtype)  # (batch, one token, width), as a decode step feeds it
     check_linear(module, x, weight, bias_values)
@@ -97,13 +97,13 @@ def test_every_kernel_computes_the_tied_head_and_keeps_one_copy(kernel, rows, dt
     head = nn.Linear(24, VOCAB, bias=False).to(dtype)
     head.weight = embedding.weight
     weight = embedding.weight.detach().clone()
-    module = DecodingLinear.from_linear(head, *forced_choice(kernel, tied=True), embedding=embedding)
+    module = DecodingLinear(head, kernel, embedding)
     check_linear(module, torch.randn(rows, 1, 24).to(dtype), weight, None)
-    if module.layout == "rows":
+    if module.one_row in ("linear", "mv"):
         assert module.weight is embedding.weight  # no copy at all
     else:
         # The embedding reads the head's (padded, column-major) copy: one storage, the same values.
-        assert embedding.weight.untyped_storage().data_ptr() == module.storage.untyped_storage().data_ptr()
+        assert embedding.weight.untyped_storage().data_ptr() == module.cols.untyped_storage().data_ptr()
         assert torch.equal(embedding.weight, weight)
         ids = torch.tensor([[0, 50, VOCAB - 1]])
         assert torch.equal(embedding(ids), weight[ids])
@@ -111,26 +111,38 @@ def test_every_kernel_computes_the_tied_head_and_keeps_one_copy(kernel, rows, dt
 
 def test_unknown_kernels_are_refused():
     for bad in ("fast", "linear-2", "split-0", "split-x", "cols/blas"):
-        with pytest.raises(ValueError):
-            forced_choice(bad, tied=False)
+        with pytest.raises(ValueError, match="unknown decoding kernel"):
+            resolve(bad, tied=False)
+
+
+def test_a_forced_kernel_falls_back_where_it_cannot_read_the_weight():
+    parts = torch.get_num_threads()
+    assert resolve("packed", tied=True) == ("linear", "linear")  # the embedding cannot read a packed copy
+    assert resolve("cols", tied=False) == (f"split-{parts}", f"split-{parts}")  # column-major: tied head only
+    assert resolve("bag-3/cols", tied=True) == ("bag-3", "cols")
+    assert resolve("bag-3/cols", tied=False) == ("bag-3", "split-3")
+    assert resolve("linear/mv", tied=False) == ("linear", "linear")  # mv runs one row only
 
 
 def test_decide_puts_one_row_first_and_breaks_near_ties_on_more_rows():
-    shape = LinearShape(64, 24, True, False)
-    # blocks-2 has the fastest one-row kernel (bag), however slow its kernel for more rows.
-    timings = {"1": {"linear": 3.0, "mv": 2.0, "cols": 4.0, "split-2": 5.0, "bag-2": 1.0},
-               str(FEW_ROWS): {"linear": 3.0, "cols": 6.0, "split-2": 9.0}}
-    assert decide(shape, timings) == ("blocks-2", "bag-2", "split-2")
-    # Within 10% for one row, the layout that runs more rows faster is kept.
+    # bag has the fastest one-row kernel, however slow split, the kernel for more rows on its copy.
+    timings = {"1": {"linear": 3.0, "mv": 2.0, "packed": 4.0, "split-2": 5.0, "bag-2": 1.0},
+               str(FEW_ROWS): {"linear": 3.0, "packed": 6.0, "split-2": 9.0}}
+    assert decide(timings) == ("bag-2", "split-2")
+    # Within 10% for one row, the choice that runs more rows faster is kept.
     timings["1"]["mv"] = 1.05
-    assert decide(shape, timings) == ("rows", "mv", "linear")
+    assert decide(timings) == ("mv", "linear")
     timings["1"]["mv"] = 1.2
-    assert decide(shape, timings) == ("blocks-2", "bag-2", "split-2")
-    # A kernel that could not run is missing from the timings: its layout is judged without it.
+    assert decide(timings) == ("bag-2", "split-2")
+    # A kernel that could not run is missing from the timings: its copy is judged without it.
     del timings["1"]["bag-2"]
-    assert decide(shape, timings) == ("rows", "mv", "linear")
+    assert decide(timings) == ("mv", "linear")
+    # The tied head: cols and split read the same column-major copy, and pair either way.
+    tied = {"1": {"linear": 2.0, "cols": 1.05, "split-2": 1.0, "bag-2": 1.2},
+            str(FEW_ROWS): {"linear": 3.0, "cols": 2.0, "split-2": 2.5}}
+    assert decide(tied) == ("split-2", "cols")
     # Nothing timed at all: what the plain model runs.
-    assert decide(shape, {"1": {}, str(FEW_ROWS): {}}) == ("rows", "linear", "linear")
+    assert decide({"1": {}, str(FEW_ROWS): {}}) == ("linear", "linear")
 
 
 # --- the measurement and its cache ----------------------------------------------------------------
@@ -223,8 +235,8 @@ def write_cache(step_seconds: dict[str, float]) -> None:
     shapes = decoding.config_shapes(GPT2Config(**TINY))
     entries = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        for shape, count in shapes.items():
-            entries[shape.key(dtype)] = {"count": count, "layout": "rows", "one_row": "mv", "more_rows": "linear",
+        for shape in shapes:
+            entries[shape.key(dtype)] = {"one_row": "mv", "more_rows": "linear",
                                          "seconds": {"1": {"mv": step_seconds[name], "linear": 1.0},
                                                      str(FEW_ROWS): {"linear": 1.0}}}
     path = decoding.cache_file()
