@@ -1,26 +1,21 @@
 """Decoding kernels chosen by measurement on the machine that runs them.
 
-A decode step feeds one token per sequence: each Linear multiplies one row (or a few, batched) by its
-weight, two FLOPs per weight value read, so the step is bound by how fast a kernel streams weights.
-Which PyTorch call does that fastest depends on the CPU, the oneDNN and BLAS builds inside torch and the
-thread count. So nothing follows a CPU's name or flags: the candidates are timed on weights of the
-model's shapes, and the decisions are cached per machine. All compute `x @ W.T + b` with fp32 sums:
-`linear` (`F.linear`, what the plain model runs) and `mv` (`torch.addmv`) on the (out, in) weight;
-`packed`, oneDNN's Linear on a weight reordered into its own blocked format (as torch.compile does);
-`split`, the output columns in one block per thread, through one `baddbmm`; `bag`, the same blocks
-through `F.embedding_bag` with per-sample weights (x @ W.T is the x-weighted sum of the rows of W.T);
-`cols`, a matmul against a column-major copy of the tied LM head, which the token embedding reads too
-(a strided view). `mv` and `bag` run one row; more rows take a kernel that reads the same copy.
-No kernel needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
+A decode step multiplies one row per sequence (or a few) by each weight: two FLOPs per value read, so
+it is bound by how fast a kernel streams weights, which depends on the CPU, torch's oneDNN and BLAS
+builds and the thread count. So the candidates, all `x @ W.T + b` with fp32 sums, are timed on weights
+of the model's shapes and the decisions cached per machine, never chosen by a CPU's name or flags:
+- `linear` (`F.linear`, as the plain model) and `mv` (`torch.addmv`, one row) on the (out, in) weight;
+- `packed`: oneDNN's Linear on a weight reordered into its blocked format (what torch.compile calls);
+- `split`: the output columns in one block per thread, one `baddbmm`; `bag` (one row): the same blocks
+  through `F.embedding_bag` with per-sample weights x (x @ W.T is the x-weighted sum of W.T's rows);
+- `cols`: a matmul against a column-major copy of the tied LM head, which the embedding reads too.
+None needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
 """
-
-from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -48,8 +43,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # The copy of the weight each kernel reads, and the kernels that run more rows on each copy.
 COPY = {"linear": "rows", "mv": "rows", "packed": "packed", "split": "blocks", "bag": "blocks", "cols": "blocks"}
 MORE_ROWS = {"rows": ("linear",), "packed": ("packed",), "blocks": ("split", "cols")}
-# The kernel a weight cannot use, by whether it is tied: the embedding cannot read a packed copy of the
-# tied LM head, and a column-major copy only pays off for that head.
+# By tied or not, the kernel a weight cannot use: the embedding cannot read a packed copy; cols pays off only there.
 UNUSABLE = {True: "packed", False: "cols"}
 
 
@@ -90,34 +84,33 @@ class DecodingLinear(nn.Module):
             weight.data = weight.data.contiguous()  # HF's Conv1D weights arrive transposed
             self.weight = weight
         elif COPY[self.one_row] == "packed":
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), FEW_ROWS)
-            self.register_buffer("packed", packed)
+            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.data.contiguous(), FEW_ROWS))
         else:
             self.hold_blocks(weight.detach(), embedding)
 
     def hold_blocks(self, weight: torch.Tensor, embedding: nn.Embedding | None) -> None:
-        parts = torch.get_num_threads()
-        width = -(-self.out_features // parts)  # the last block is padded with zeros
-        padding = parts * width - self.out_features
+        self.parts = torch.get_num_threads()  # one block per thread
+        width = -(-self.out_features // self.parts)  # the last block is padded with zeros
+        padding = self.parts * width - self.out_features
         padded = F.pad(weight, (0, 0, 0, padding))  # (P * width, in)
         if self.bias is not None:  # the bias as one more input row: `bag` adds it in its fp32 sum
             padded = torch.cat([padded, F.pad(self.bias.detach(), (0, padding))[:, None]], dim=1)
         if embedding is None:  # block after block, so that each thread streams its own
-            blocks = padded.view(parts, width, -1).transpose(1, 2).contiguous()
+            blocks = padded.view(self.parts, width, -1).transpose(1, 2).contiguous()
             table = blocks
         else:  # one column-major copy: `cols` reads it whole; the blocks and the embedding are strided views
             self.register_buffer("cols", padded.t().contiguous())
             embedding.weight.data = self.cols[:, :self.out_features].t()  # (GPT-2's head has no bias)
-            blocks = self.cols.view(-1, parts, width).transpose(0, 1)
+            blocks = self.cols.view(-1, self.parts, width).transpose(0, 1)
             table = self.cols
         rows = blocks.shape[1]  # in, and one more for a bias
         self.register_buffer("blocks", blocks[:, :self.in_features])
         self.register_buffer("bias_blocks", blocks[:, self.in_features:] if rows > self.in_features else None)
         self.register_buffer("table", table.view(-1, width))
         # Bag p sums the table rows that hold block p, each weighted by its input (the bias row by one).
-        block, row = torch.arange(parts)[:, None], torch.arange(rows)[None, :]
+        block, row = torch.arange(self.parts)[:, None], torch.arange(rows)[None, :]
         self.register_buffer("indices", ((block * blocks.stride(0) + row * blocks.stride(1)) // width).flatten())
-        self.register_buffer("offsets", torch.arange(0, parts * rows, rows))
+        self.register_buffer("offsets", torch.arange(0, self.parts * rows, rows))
 
     def compute(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
         """(R, in) -> (R, out) by `kernel`, one that reads this module's copy (R == 1 for `mv` and `bag`)."""
@@ -131,9 +124,8 @@ class DecodingLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         if kernel == "cols":
             return (rows @ self.cols)[:, :self.out_features]
-        parts = self.blocks.shape[0]
         if kernel == "split":
-            stacked = rows.expand(parts, *rows.shape)  # the same rows for every block: a view
+            stacked = rows.expand(self.parts, *rows.shape)  # the same rows for every block: a view
             if self.bias_blocks is None:
                 out = torch.bmm(stacked, self.blocks)
             else:
@@ -142,16 +134,13 @@ class DecodingLinear(nn.Module):
             return out.transpose(0, 1).reshape(rows.shape[0], -1)[:, :self.out_features]
         vector = rows[0] if self.bias_blocks is None else F.pad(rows[0], (0, 1), value=1.0)
         out = F.embedding_bag(self.indices, self.table, self.offsets, mode="sum",
-                              per_sample_weights=vector.repeat(parts))
+                              per_sample_weights=vector.repeat(self.parts))
         return out.view(1, -1)[:, :self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         kernel = self.one_row if rows.shape[0] == 1 else self.more_rows
         return self.compute(rows, kernel).reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.one_row}/{self.more_rows}"
 
 
 def decoding_linears(model: GPT2) -> dict[tuple[nn.Module, str], LinearShape]:
@@ -162,12 +151,6 @@ def decoding_linears(model: GPT2) -> dict[tuple[nn.Module, str], LinearShape]:
     tied = model.transformer.wte.weight
     return {place: LinearShape(linear.out_features, linear.in_features, linear.bias is not None, linear.weight is tied)
             for place, linear in linears.items()}
-
-
-def config_shapes(config: GPT2Config) -> dict[LinearShape, int]:
-    """How many Linears of each shape a decode step of `config`'s model runs."""
-    with torch.device("meta"):
-        return Counter(decoding_linears(GPT2(config)).values())
 
 
 def synthetic_linear(shape: LinearShape, dtype: torch.dtype, kernel: str) -> DecodingLinear:
@@ -190,7 +173,7 @@ def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> di
     calls = sorted(((shape, copy) for shape, count in shapes.items() for copy in range(count)),
                    key=lambda call: (call[1] + 1) / shapes[call[0]])
     samples: dict[tuple[LinearShape, int, str], list[float]] = {}
-    for kind, more_kernels in MORE_ROWS.items():  # one copy of the weights at a time
+    for kind, more in MORE_ROWS.items():  # one copy of the weights at a time
         modules, runs = {}, {}  # runs: the shapes each (rows, kernel) runs on
         for shape, count in shapes.items():
             kernels = [kernel for kernel in COPY if COPY[kernel] == kind and kernel != UNUSABLE[shape.tied]]
@@ -198,8 +181,9 @@ def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> di
                 modules[shape] = [synthetic_linear(shape, dtype, kernels[0]) for _ in range(count)]
             except (IndexError, RuntimeError):  # no kernel of this kind, or e.g. a torch without oneDNN
                 continue
-            for rows, kernel in [(1, kernel) for kernel in kernels] + [(FEW_ROWS, kernel) for kernel in more_kernels]:
-                with contextlib.suppress(RuntimeError, AttributeError):  # untimed: set-up; one that fails is out
+            tasks = [(1, kernel) for kernel in kernels] + [(FEW_ROWS, kernel) for kernel in kernels if kernel in more]
+            for rows, kernel in tasks:
+                with contextlib.suppress(RuntimeError):  # untimed: the kernel's set-up; one that fails is left out
                     modules[shape][0].compute(inputs[shape.in_features, rows], kernel)
                     runs.setdefault((rows, kernel), []).append(shape)
         for round_index in range(ROUNDS):
@@ -213,7 +197,6 @@ def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> di
                     start = time.perf_counter()
                     module.compute(x, kernel)
                     samples.setdefault((shape, rows, kernel), []).append(time.perf_counter() - start)
-        del modules
     timings = {shape: {"1": {}, str(FEW_ROWS): {}} for shape in shapes}
     for (shape, rows, kernel), values in samples.items():
         timings[shape][str(rows)][kernel] = statistics.median(values)
@@ -221,7 +204,7 @@ def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> di
 
 
 def decide(timings: Mapping[str, Mapping[str, float]]) -> str:
-    """The fastest "ONE/MORE" for one row (the common case), unless one within `ONE_ROW_SLACK` runs more rows faster."""
+    """The fastest "ONE/MORE" for one row (the common case), unless one within `ONE_ROW_SLACK` is faster for more."""
     one, few = timings["1"], timings[str(FEW_ROWS)]
     pairs = [(a, b) for a in one for b in few if COPY[a] == COPY[b]]  # kernels that read the same copy
     if not pairs:
@@ -235,8 +218,7 @@ def machine() -> dict[str, object]:
     """What the cache is keyed by. It only says where the decisions hold; they come from timings."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": names[0] if names else "unknown", "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def cache_file() -> Path:
@@ -246,20 +228,19 @@ def cache_file() -> Path:
     return root / "decoding-kernels" / f"{digest}.json"
 
 
-def foreign_share(run: Callable[[], object]) -> float:
-    """Run `run`; the share of the machine's CPUs that other work used meanwhile (0 off Linux)."""
-    if not Path("/proc/stat").exists():
-        run()
-        return 0.0
+def foreign_share(run: Callable[[], dict]) -> tuple[dict, float]:
+    """What `run` returns, and the share of the machine's CPUs that other work used meanwhile (0 off Linux)."""
 
-    def busy() -> float:  # CPU seconds the whole machine has been busy: all processes, and steal
+    def busy() -> float:  # CPU seconds of the whole machine: all processes, and steal; off Linux only this one's
+        if not Path("/proc/stat").exists():
+            return time.process_time()
         fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
 
     before, own, start = busy(), time.process_time(), time.perf_counter()
-    run()
+    result = run()
     others = busy() - before - (time.process_time() - own)
-    return max(0.0, others) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+    return result, max(0.0, others) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
 
 
 _lock = threading.Lock()
@@ -278,28 +259,24 @@ def ensure_measured(shapes: Mapping[LinearShape, int], dtypes: list[torch.dtype]
         missing = {dtype: {shape: count for shape, count in shapes.items() if shape.key(dtype) not in known}
                    for dtype in dtypes}
         if not any(missing.values()):
-            if all(shape.key(dtype) in cached for dtype in dtypes for shape in shapes):
-                return known, f"cached in {path}"
-            return known, "measured earlier in this process, not cached"
-        fresh = {}
+            in_file = all(shape.key(dtype) in cached for dtype in dtypes for shape in shapes)
+            return known, f"cached in {path}" if in_file else "measured earlier in this process, not cached"
 
-        def measure() -> None:
-            for dtype, wanted in missing.items():
-                for shape, timings in time_candidates(wanted, dtype).items():
-                    fresh[shape.key(dtype)] = {"kernels": decide(timings), "seconds": timings}
+        def measure() -> dict[str, dict]:
+            return {shape.key(dtype): {"kernels": decide(timings), "seconds": timings}
+                    for dtype, wanted in missing.items() for shape, timings in time_candidates(wanted, dtype).items()}
 
         start = time.perf_counter()
-        busy = foreign_share(measure)
+        fresh, busy = foreign_share(measure)
         note = f"measured in {time.perf_counter() - start:.1f} s"
         known.update(fresh)
-        reason = f"other work used {100 * busy:.0f}% of the CPUs meanwhile" if busy > BUSY_LIMIT else ""
-        if not reason:
+        reason = f"other work used {100 * busy:.0f}% of the CPUs meanwhile"
+        if busy <= BUSY_LIMIT:
             data = {"version": CACHE_VERSION, "machine": machine(), "shapes": {**cached, **fresh}}
-            try:
+            reason = f"{path} could not be written"
+            with contextlib.suppress(OSError):
                 atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
                 return known, f"{note}, cached in {path}"
-            except OSError as error:
-                reason = str(error.strerror or error)
         _uncached.setdefault(path, {}).update(fresh)
         return known, f"{note}; not cached: {reason}"
 
@@ -321,7 +298,8 @@ def choose_kernels(shapes: Mapping[LinearShape, int], dtype: torch.dtype,
 
 def decoding_dtype(config: GPT2Config | None = None) -> torch.dtype:
     """bf16 if a batch-1 decode step's products (`config`'s shapes, GPT-2 Small's by default) run faster than fp32."""
-    shapes = config_shapes(config if config is not None else GPT2Config())
+    with torch.device("meta"):
+        shapes = Counter(decoding_linears(GPT2(config if config is not None else GPT2Config())).values())
     known, note = ensure_measured(shapes, [torch.float32, torch.bfloat16])
     step = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -343,8 +321,8 @@ def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
     if embedding.weight.device.type == "cpu":
         chosen = choose_kernels(Counter(shapes.values()), embedding.weight.dtype, force=kernel)
         for (parent, name), shape in shapes.items():
-            linear = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
-            setattr(parent, name, linear)
+            module = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
+            setattr(parent, name, module)
     else:  # a GPU's kernels read row-major weights fastest
         for linear in (getattr(parent, name) for parent, name in shapes):
             linear.weight.data = linear.weight.data.contiguous()
