@@ -37,7 +37,7 @@ from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.loss import perplexity
 from gpt2kids.memory_saving import use_memory_saving_kernels
 from gpt2kids.model import GPT2, IGNORE_INDEX
-from gpt2kids.optimizer import make_optimizer, make_scheduler
+from gpt2kids.optimizer import lr_lambda, make_optimizer
 from gpt2kids.reporting import Reporter
 from gpt2kids.tokenizer import Tokenizer
 from gpt2kids.train_config import TrainConfig
@@ -269,14 +269,12 @@ def save_export(run: Run, which: str) -> None:
 def check_diverged(run: Run, result: StepResult) -> None:
     progress = run.progress
     progress.skipped_in_a_row = 0 if result.applied else progress.skipped_in_a_row + 1
-    if result.applied:
-        return
-    if run.precision.needs_grad_scaler and progress.skipped_in_a_row < MAX_SKIPPED_STEPS:
-        return  # fp16: the scaler lowers its scale and the next step usually succeeds
-    raise TrainingDiverged(
-        f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
-        f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
-        "lower --lr or use --precision fp32")
+    # fp16: after a skipped step the scaler lowers its scale and the next step usually succeeds.
+    if progress.skipped_in_a_row >= (MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1):
+        raise TrainingDiverged(
+            f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
+            f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
+            "lower --lr or use --precision fp32")
 
 
 def train_epoch(run: Run) -> bool:
@@ -284,9 +282,8 @@ def train_epoch(run: Run) -> bool:
     config, progress, plan = run.config, run.progress, run.plan
     order = data.epoch_order(len(run.dataset.train), config.seed, progress.epoch)
     started = time.perf_counter()
-    bar = run.reporter.progress_bar(f"epoch {progress.epoch + 1}/{config.epochs}", plan.steps_per_epoch,
-                                    progress.step_in_epoch)
-    with bar:
+    description = f"epoch {progress.epoch + 1}/{config.epochs}"
+    with run.reporter.progress_bar(description, plan.steps_per_epoch, progress.step_in_epoch) as bar:
         while progress.step_in_epoch < plan.steps_per_epoch:
             step_started = time.perf_counter()
             result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))
@@ -391,21 +388,20 @@ def run_epochs(run: Run) -> Progress:
     try:
         with stop_on_signals(run):
             while progress.epoch < run.config.epochs and progress.stopped_early is None:
-                if train_epoch(run) and progress.epoch < run.config.epochs:
-                    save_export(run, "final")  # --max-steps: a smoke run still leaves a usable model
-                    report_where_things_are(run)
-                    return progress
-        progress.finished = True
-        save_export(run, "final")
-        save_checkpoint(run)
+                if train_epoch(run):  # --max-steps
+                    break
+        progress.finished = progress.epoch == run.config.epochs or progress.stopped_early is not None
+        save_export(run, "final")  # after --max-steps too: a smoke run still leaves a usable model
+        if progress.finished:
+            save_checkpoint(run)
     finally:
         run.reporter.close()
     if progress.stopped_early:
         run.reporter.say(f"stopped early: {progress.stopped_early}")
-    if run.config.drop_resume_state and run.dist.is_main:
+    if progress.finished and run.config.drop_resume_state and run.dist.is_main:
         run_folder.drop_resume_state(run.folder)
     report_where_things_are(run)
-    if run.config.push_to_hub and run.dist.is_main:
+    if progress.finished and run.config.push_to_hub and run.dist.is_main:
         push_export(run)
     return progress
 
@@ -415,8 +411,8 @@ def report_where_things_are(run: Run) -> None:
         return  # only the main process reports (and walks the run folder for its size)
     folder = run.folder
     exports = [f"{folder / name}/" for name in run_folder.EXPORTS if (folder / name).is_dir()]
-    run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds "
-                     f"{run_folder.human_size(run_folder.size_on_disk(folder))}")
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
     run.reporter.say(f"generate: python generate.py --model {folder} \"{SAMPLE_PROMPT}\"")
     run.reporter.say(f"watch:    tensorboard --logdir {folder}")
 
@@ -500,7 +496,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     plan = data.StepPlan(len(dataset.train), config.batch_size, config.grad_accum, dist.world_size)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, device)
-    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
+    schedule = lr_lambda(config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
     run = Run(config, folder, model, forward, tokenizer, dataset, plan, optimizer, scheduler, scaler, precision,
               device, dist, base_model)
