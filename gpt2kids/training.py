@@ -136,11 +136,9 @@ def backward(run: Run, micro_batches: list[torch.Tensor]) -> tuple[float, int]:
     loss_sum = torch.zeros((), device=run.device)
     for index, micro_batch in enumerate(micro_batches):
         inputs, targets = on_device(run, blocks, run.plan.rank_slice(micro_batch, run.dist.rank))
-        last = index == len(micro_batches) - 1
         # DDP all-reduces the gradients once, after the last micro-batch.
-        sync = run.forward.no_sync() if isinstance(run.forward, DistributedDataParallel) and not last \
-            else contextlib.nullcontext()
-        with sync:
+        accumulate = isinstance(run.forward, DistributedDataParallel) and index < len(micro_batches) - 1
+        with run.forward.no_sync() if accumulate else contextlib.nullcontext():
             with run.precision.autocast(run.device):
                 loss = run.forward(inputs, targets, reduction="sum")
             run.scaler.scale(loss / normaliser).backward()
@@ -300,22 +298,21 @@ def train_epoch(run: Run) -> bool:
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
 
-            end_of_epoch = progress.step_in_epoch == plan.steps_per_epoch
             stop = run.dist.any(run.stop_signal is not None, run.device)
             at_limit = config.max_steps is not None and progress.step >= config.max_steps
-            if end_of_epoch:
+            if progress.step_in_epoch < plan.steps_per_epoch:  # at the end, finish_epoch evaluates and saves
+                if config.eval_every and progress.step % config.eval_every == 0:
+                    evaluate_and_keep_best(run)
+                if stop or at_limit or (config.save_every and progress.step % config.save_every == 0):
+                    save_checkpoint(run)
+            if stop or at_limit:
                 break
-            if config.eval_every and progress.step % config.eval_every == 0:
-                evaluate_and_keep_best(run)
-            if stop or at_limit or (config.save_every and progress.step % config.save_every == 0):
-                save_checkpoint(run)
-            if stop:
-                raise stopped(run)
-            if at_limit:
-                return True
-    finish_epoch(run, time.perf_counter() - started)
+    if progress.step_in_epoch == plan.steps_per_epoch:
+        finish_epoch(run, time.perf_counter() - started)
     if stop:
-        raise stopped(run)
+        received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
+        raise Stopped(f"stopped by {received.name} at step {progress.step}; a checkpoint is saved; "
+                      f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
     return at_limit
 
 
@@ -338,12 +335,6 @@ def finish_epoch(run: Run, seconds: float) -> None:
                                   f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
     # The exports come first: a kill between them and this checkpoint replays the epoch's tail.
     save_checkpoint(run)
-
-
-def stopped(run: Run) -> Stopped:
-    received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
-    return Stopped(f"stopped by {received.name} at step {run.progress.step}; a checkpoint is saved; "
-                   f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
 
 
 @contextlib.contextmanager
@@ -374,8 +365,7 @@ def train(config: TrainConfig) -> Progress:
     config.validate()
     dist = Distributed.from_environment(config.device)
     try:
-        run = prepare_run(config, dist)
-        return run_epochs(run)
+        return run_epochs(prepare_run(config, dist))
     finally:
         dist.close()
 
@@ -456,7 +446,6 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     precision = choose_precision(config.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the usual speed/precision trade on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
     train_stories, eval_stories = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data,
                                                   config.eval_split, config.seed)
