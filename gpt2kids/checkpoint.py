@@ -119,8 +119,7 @@ def exists(run_dir: Path) -> bool:
 def load_latest_good(run_dir: Path) -> Checkpoint:
     """The newest checkpoint that verifies; says on stderr when it had to fall back."""
     problems = []
-    for name in (CHECKPOINT, PREVIOUS):
-        folder = run_dir / name
+    for folder in (run_dir / CHECKPOINT, run_dir / PREVIOUS):
         if not folder.is_dir():
             continue
         problem = damage_in(folder)

@@ -82,12 +82,7 @@ def choose_precision(name: str, device: torch.device) -> Precision:
     """`auto`: bf16 where the device does it well, fp16 with a scaler on older CUDA, else fp32."""
     check_precision(name)
     if name == "auto":
-        if bf16_is_fast(device):
-            name = "bf16"
-        elif device.type == "cuda":
-            name = "fp16"
-        else:
-            name = "fp32"
+        name = "bf16" if bf16_is_fast(device) else "fp16" if device.type == "cuda" else "fp32"
     # fp16 has a narrow range: gradients are scaled up and unscaled before clipping. On CPU this is
     # slow but runs, which is how the tests cover the path.
     return Precision(name, None if name == "fp32" else DTYPES[name], needs_grad_scaler=name == "fp16")

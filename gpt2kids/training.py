@@ -373,8 +373,7 @@ def train(config: TrainConfig) -> Progress:
 def run_epochs(run: Run) -> Progress:
     progress = run.progress
     run.model.train()
-    run.reporter = Reporter(run.folder, run.dist.is_main, first_step_to_log=progress.step + 1 if progress.step else 0,
-                            settings=dataclasses.asdict(run.config) if progress.step == 0 else None)
+    run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config))
     try:
         with stop_on_signals(run):
             while progress.epoch < run.config.epochs and progress.stopped_early is None:
