@@ -1,8 +1,6 @@
 """Atomic file and folder writes: a reader sees the old version or the new one, never half of one.
 
-Every write goes to a temporary name beside the target, is flushed to disk, then renamed over the
-target. A failure (disk full, a kill) leaves the previous version in place; `remove_debris` clears
-what a killed write left.
+Each write goes to a temporary name beside the target, is flushed to disk, then renamed over it.
 """
 
 from __future__ import annotations

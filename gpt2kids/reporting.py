@@ -1,8 +1,6 @@
 """What a training run tells people: TensorBoard events, a progress bar per epoch, lines on stderr.
 
-Only the main process (rank 0) reports. TensorBoard gets train/loss, train/lr, train/grad_norm,
-train/tokens_per_s at every step, eval/loss and eval/perplexity at every evaluation, a sample story
-after each evaluation, and the run's settings as hparams.
+Only the main process (rank 0) reports.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""The run folder: where a run lives, what it refuses to overwrite, and how `--resume` gets back in.
+"""The run folder (runs/NAME/: train_config.json, TensorBoard events, checkpoint/, best/, final/).
 
-    runs/NAME/  train_config.json, events.out.tfevents.*, checkpoint/, checkpoint-previous/, best/, final/
-
-A new run refuses an `--out` that already holds a run; `--resume` takes the run's own settings from
-`train_config.json` (only the settings of the invocation, like `--max-steps`, come from the command
-line) and the newest checkpoint that verifies (see `gpt2kids.checkpoint`).
+A new run refuses an `--out` that already holds a run; `--resume` takes the run's settings from its
+train_config.json, all but those of the invocation (`SESSION_FIELDS`, like `--max-steps`).
 """
 
 from __future__ import annotations

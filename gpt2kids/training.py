@@ -126,10 +126,8 @@ def on_device(run: Run, blocks: data.Blocks, indices: torch.Tensor) -> tuple[tor
 
 
 def backward(run: Run, micro_batches: list[torch.Tensor]) -> tuple[float, int]:
-    """Gradients of the step's mean token loss, accumulated in `.grad` over micro-batches and processes.
-
-    Returns the mean loss and the number of target tokens of the whole step.
-    """
+    """Accumulate in `.grad` the gradient of the step's mean token loss over micro-batches and processes;
+    returns that loss and the step's count of target tokens."""
     blocks = run.dataset.train
     step_tokens = sum(int((blocks.targets[m] != IGNORE_INDEX).sum()) for m in micro_batches)
     normaliser = loss_normaliser(step_tokens, run.dist.world_size)
@@ -197,13 +195,10 @@ def sample_story(run: Run) -> str:
 
 
 def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = None) -> float | None:
-    """Evaluate, log, and export `best/` on a new lowest eval loss.
-
-    At the end of an epoch the epoch's row goes into the history first, so best/'s card holds it.
-    """
+    """Evaluate, log, and export `best/` on a new lowest eval loss."""
     progress = run.progress
     eval_loss = evaluate(run)
-    if end_of_epoch_row is not None:
+    if end_of_epoch_row is not None:  # into the history before the export, so best/'s card holds it
         end_of_epoch_row["eval_loss"] = eval_loss
         end_of_epoch_row["perplexity"] = perplexity(eval_loss) if eval_loss is not None else None
         progress.history.append(end_of_epoch_row)
