@@ -6,6 +6,8 @@ train_config.json, all but those of the invocation (`SESSION_FIELDS`, like `--ma
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import sys
 from datetime import datetime
@@ -60,16 +62,20 @@ def held_out_stories(folder: Path) -> list[str]:
 
 
 def read_settings(folder: Path, otherwise: str) -> TrainConfig:
+    """The settings in the run's train_config.json; `otherwise` says what to do when it cannot be read."""
+    known = {setting.name for setting in dataclasses.fields(TrainConfig)}
     try:
-        return TrainConfig.from_json((folder / TRAIN_CONFIG).read_text())
-    except (OSError, ValueError, TypeError) as error:
+        saved = json.loads((folder / TRAIN_CONFIG).read_text())
+        return TrainConfig(**{key: value for key, value in saved.items() if key in known})
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{folder / TRAIN_CONFIG} cannot be read ({error}); {otherwise}") from None
 
 
 def write_settings(folder: Path, config: TrainConfig) -> None:
     """Create the run folder with its `train_config.json` (only once every input has been checked)."""
+    text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
     try:
-        atomic_files.atomic_write_text(folder / TRAIN_CONFIG, config.to_json())
+        atomic_files.atomic_write_text(folder / TRAIN_CONFIG, text)
     except OSError as error:
         raise UserError(atomic_files.describe_os_error(error, folder)) from None
 

@@ -1,14 +1,12 @@
 """The settings of a training run (`TrainConfig`) and the `python train.py` flags that fill them.
 
 Each field is one flag (`batch_size` is `--batch-size`), with its default and help text here, so the
-flags, their defaults and `--help` come from one place. A run saves its settings as
-`train_config.json`; `--resume` reads them back.
+flags, their defaults and `--help` come from one place (`run_folder` saves them as train_config.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,15 +94,6 @@ class TrainConfig:
             raise UserError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.private and not self.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        saved = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in saved.items() if key in known})
 
     def differences(self, other: TrainConfig) -> list[str]:
         """The flags set here to something other than the default and than `other`'s value."""
