@@ -263,7 +263,8 @@ def check_diverged(run: Run, result: StepResult) -> None:
     progress = run.progress
     progress.skipped_in_a_row = 0 if result.applied else progress.skipped_in_a_row + 1
     # fp16: after a skipped step the scaler lowers its scale and the next step usually succeeds.
-    if progress.skipped_in_a_row >= (MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1):
+    give_up_after = MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1
+    if progress.skipped_in_a_row >= give_up_after:
         raise TrainingDiverged(
             f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
             f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
