@@ -1,7 +1,6 @@
 """Atomic file and folder writes: a reader sees the old version or the new one, never half of one.
 
-Every write goes to a temporary name in the same folder, is flushed to disk, then renamed over the
-target. A failure (disk full, a kill) leaves the previous version in place and removes the debris.
+Each write goes to a temporary name beside the target, is flushed to disk, then renamed over it.
 """
 
 from __future__ import annotations
@@ -17,19 +16,26 @@ from pathlib import Path
 from gpt2kids.errors import UserError
 
 
-def _fsync_dir(folder: Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sync_file(path: Path) -> None:
+    """Flush `path` to disk, with the mode of any new file (mkstemp and some writers make 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def describe_os_error(error: OSError, path: Path) -> str:
@@ -41,60 +47,50 @@ def describe_os_error(error: OSError, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed to `target`."""
-    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     temporary = Path(temporary_name)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any other file
     try:
         yield temporary
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
+        _sync_file(temporary)
         os.replace(temporary, target)
-        _fsync_dir(target.parent)
+        _sync_folder(target.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(target: str | Path, data: bytes) -> None:
+def atomic_write_text(target: Path, text: str) -> None:
     with atomic_path(target) as temporary:
-        temporary.write_bytes(data)
+        temporary.write_bytes(text.encode("utf-8"))
 
 
-def atomic_write_text(target: str | Path, text: str) -> None:
-    atomic_write_bytes(target, text.encode("utf-8"))
-
-
-def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: str | Path | None = None) -> None:
+def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: Path | None = None) -> None:
     """Build a folder with `fill(temporary_folder)`, then swap it in place of `target`.
 
-    The old folder is moved aside before the new one is renamed in, so at every instant a complete
-    folder exists: a crash between the two renames leaves the old one aside. With `previous`, the
-    old folder is kept there (one generation back) instead of being deleted.
+    The old folder is moved aside before the new one is renamed in, so a crash between the two
+    renames leaves it aside (`recover_folder` puts it back). With `previous`, the old folder is kept
+    there (one generation back) instead of being deleted.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(building, 0o777 & ~_umask())
-    aside = Path(previous) if previous is not None else target.with_name(target.name + ".old")
+    aside = previous or target.with_name(target.name + ".old")
     try:
         fill(building)
         for path in building.rglob("*"):
             if path.is_file():
-                # Every file readable like any other the user creates (some writers create 0600).
-                os.chmod(path, 0o666 & ~_umask())
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                _sync_file(path)
         if target.exists():
             if aside.exists():
                 shutil.rmtree(aside)
             os.replace(target, aside)
         os.replace(building, target)
-        _fsync_dir(target.parent)
+        _sync_folder(target.parent)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -102,20 +98,15 @@ def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: s
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def recover_folder(target: str | Path) -> None:
+def recover_folder(target: Path) -> None:
     """Undo a swap (without `previous`) that was interrupted between its two renames."""
-    target = Path(target)
     old = target.with_name(target.name + ".old")
     if old.exists() and not target.exists():
         os.replace(old, target)
 
 
 def check_writable(folder: Path) -> None:
-    """Fail early, with a clear message, when `folder` could not be created or written.
-
-    Nothing is left behind: the check writes a temporary file in the folder (or in its nearest
-    existing ancestor, when the folder does not exist yet) and removes it.
-    """
+    """Fail early when `folder` could not be created or written; the test file is removed again."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -2,13 +2,11 @@
 
 `RUN/checkpoint/` holds
   model.safetensors   the weights (gpt2kids names; the tied lm_head is left out)
-  state.pt            optimizer, scheduler, grad scaler, RNG states and progress (read back with
-                      `torch.load(weights_only=True)`: plain tensors and containers only)
+  state.pt            optimizer, scheduler, scaler, RNG states, progress (read with `weights_only=True`)
   progress.json       the progress, for people
   manifest.json       SHA-256 of each file above, written last
-The folder is built under a temporary name and swapped in; the one it replaces is kept as
-`RUN/checkpoint-previous/`, so a kill at any instant, or a damaged file, still leaves one good
-checkpoint to resume from.
+The checkpoint it replaces stays as `RUN/checkpoint-previous/`, so a kill at any instant, or a damaged
+file, still leaves one good checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -119,8 +117,7 @@ def exists(run_dir: Path) -> bool:
 def load_latest_good(run_dir: Path) -> Checkpoint:
     """The newest checkpoint that verifies; says on stderr when it had to fall back."""
     problems = []
-    for name in (CHECKPOINT, PREVIOUS):
-        folder = run_dir / name
+    for folder in (run_dir / CHECKPOINT, run_dir / PREVIOUS):
         if not folder.is_dir():
             continue
         problem = damage_in(folder)

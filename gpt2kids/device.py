@@ -59,6 +59,11 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+def check_precision(name: str) -> None:
+    if name not in PRECISIONS:
+        raise UserError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class Precision:
     """How to compute: the autocast dtype (None for none) and whether fp16 loss scaling is needed."""
@@ -75,33 +80,21 @@ class Precision:
 
 def choose_precision(name: str, device: torch.device) -> Precision:
     """`auto`: bf16 where the device does it well, fp16 with a scaler on older CUDA, else fp32."""
-    if name not in PRECISIONS:
-        raise UserError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(name)
     if name == "auto":
-        if bf16_is_fast(device):
-            name = "bf16"
-        elif device.type == "cuda":
-            name = "fp16"
-        else:
-            name = "fp32"
-    if name == "fp32":
-        return Precision("fp32", None, False)
-    if name == "bf16":
-        return Precision("bf16", torch.bfloat16, False)
+        name = "bf16" if bf16_is_fast(device) else "fp16" if device.type == "cuda" else "fp32"
     # fp16 has a narrow range: gradients are scaled up and unscaled before clipping. On CPU this is
     # slow but runs, which is how the tests cover the path.
-    return Precision("fp16", torch.float16, True)
+    return Precision(name, None if name == "fp32" else DTYPES[name], needs_grad_scaler=name == "fp16")
 
 
 def weights_dtype_for_inference(name: str, device: torch.device, config: GPT2Config | None = None) -> torch.dtype:
     """Decoding holds the weights in the chosen dtype (autocast would re-cast them every step).
 
-    `auto` on CPU: the dtype in which a decode step of `config`'s shapes (GPT-2 Small's by default)
-    runs faster on this machine, measured once and cached
-    (`gpt2kids.decoding_kernels.decoding_dtype`); on CUDA bf16 where the GPU supports it; elsewhere fp32.
+    `auto`: on CPU the faster dtype for a decode step of `config`'s shapes, measured once and cached
+    (`decoding_kernels.decoding_dtype`); on CUDA bf16 where the GPU supports it; elsewhere fp32.
     """
-    if name not in PRECISIONS:
-        raise UserError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(name)
     if name == "auto":
         if device.type == "cpu":
             from gpt2kids.decoding_kernels import decoding_dtype  # imports the model: only when it is needed

@@ -1,14 +1,10 @@
-"""Errors meant for people.
-
-A `UserError` carries one line that names what was wrong and what to do about it; the command lines
-(`gpt2kids.cli.run_cli`) print it to stderr and exit with status 2, with no traceback.
-"""
+"""Errors meant for people: `gpt2kids.cli.run_cli` prints them as one line, with no traceback."""
 
 from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad input from the user: a path, a flag value, a file that cannot be read."""
+    """Bad input (a path, a flag value, an unreadable file): one line naming the problem and the fix; exit 2."""
 
 
 class Stopped(Exception):

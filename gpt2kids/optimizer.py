@@ -31,30 +31,18 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """The multiplier of the peak rate at each optimizer step (for LambdaLR)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}")
+    decay_steps = max(1, total_steps - warmup_steps)
 
-    def warmup(step: int) -> float | None:
-        return step / warmup_steps if step < warmup_steps else None
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        if name == "linear":
+            return max(0.0, (total_steps - step) / decay_steps)
+        if name == "cosine":
+            progress = min((step - warmup_steps) / decay_steps, 1.0)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0  # constant
 
-    def linear(step: int) -> float:
-        rising = warmup(step)
-        if rising is not None:
-            return rising
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    def cosine(step: int) -> float:
-        rising = warmup(step)
-        if rising is not None:
-            return rising
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
-
-    def constant(step: int) -> float:
-        rising = warmup(step)
-        return rising if rising is not None else 1.0
-
-    return {"linear": linear, "cosine": cosine, "constant": constant}[name]
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps))
+    return multiplier

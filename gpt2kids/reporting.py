@@ -1,8 +1,6 @@
 """What a training run tells people: TensorBoard events, a progress bar per epoch, lines on stderr.
 
-Only the main process (rank 0) reports. TensorBoard gets train/loss, train/lr, train/grad_norm,
-train/tokens_per_s at every step, eval/loss and eval/perplexity at every evaluation, a sample story
-after each evaluation, and the run's settings as hparams.
+Only the main process (rank 0) reports.
 """
 
 from __future__ import annotations
@@ -15,11 +13,9 @@ from tqdm import tqdm
 
 
 class Reporter:
-    def __init__(self, folder: Path, is_main: bool, first_step_to_log: int, settings: dict[str, Any] | None) -> None:
-        """`first_step_to_log`: a resumed run drops the events a killed run logged after its checkpoint.
-
-        `settings` (the run's hyper-parameters) are logged as hparams, for a new run only.
-        """
+    def __init__(self, folder: Path, is_main: bool, start_step: int, settings: dict[str, Any]) -> None:
+        """A run resumed at `start_step` drops the events a killed run logged after it; a new run logs its
+        `settings` (the hyper-parameters) as hparams."""
         self.is_main = is_main
         self.writer = None
         if not is_main:
@@ -27,8 +23,8 @@ class Reporter:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=first_step_to_log if first_step_to_log else None)
-        if settings is not None:
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if start_step else None)
+        if start_step == 0:
             values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
             for summary in hparams(values, {"eval/loss": 0.0, "eval/perplexity": 0.0}):
                 self.writer.file_writer.add_summary(summary)

@@ -1,27 +1,19 @@
-"""The run folder: where a run lives, what it refuses to overwrite, and how `--resume` gets back in.
+"""The run folder (runs/NAME/: train_config.json, TensorBoard events, checkpoint/, best/, final/).
 
-    runs/NAME/  train_config.json, events.out.tfevents.*, checkpoint/, checkpoint-previous/, best/, final/
-
-A new run refuses an `--out` that already holds a run; `--resume` takes the run's own settings from
-`train_config.json` (only the settings of the invocation, like `--max-steps`, come from the command
-line) and the newest checkpoint that verifies (see `gpt2kids.checkpoint`).
+A new run refuses an `--out` that already holds a run; `--resume` takes the run's settings from its
+train_config.json, all but those of the invocation (`SESSION_FIELDS`, like `--max-steps`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
 
-from gpt2kids import checkpoint, data
-from gpt2kids.atomic_files import (
-    atomic_write_text,
-    check_writable,
-    describe_os_error,
-    recover_folder,
-    remove_debris,
-)
+from gpt2kids import atomic_files, checkpoint, data
 from gpt2kids.distributed import Distributed
 from gpt2kids.errors import UserError
 from gpt2kids.train_config import SESSION_FIELDS, TrainConfig
@@ -38,10 +30,7 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
     if config.resume:
         if not has_run:
             raise UserError(f"nothing to resume in {out}: it holds no run; drop --resume to start a new run")
-        try:
-            restored = TrainConfig.from_json((out / TRAIN_CONFIG).read_text())
-        except (OSError, ValueError, TypeError) as error:
-            raise UserError(f"{out / TRAIN_CONFIG} cannot be read ({error}); the run cannot be resumed") from None
+        restored = read_settings(out, "the run cannot be resumed")
         ignored = config.differences(restored)
         if ignored and dist.is_main:
             print(f"note: {', '.join(ignored)} ignored: a resumed run keeps the settings in {out / TRAIN_CONFIG}; "
@@ -54,21 +43,17 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
     elif has_run:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if dist.is_main:
-        check_writable(out)
+        atomic_files.check_writable(out)
         if out.is_dir():  # what a killed run may have left half-done
-            remove_debris(out)
+            atomic_files.remove_debris(out)
             for export in EXPORTS:
-                recover_folder(out / export)
+                atomic_files.recover_folder(out / export)
     return config, out
 
 
 def held_out_stories(folder: Path) -> list[str]:
     """The stories a run held out for evaluation, chosen again from its train_config.json (same data, seed)."""
-    try:
-        config = TrainConfig.from_json((folder / TRAIN_CONFIG).read_text())
-    except (OSError, ValueError, TypeError) as error:
-        raise UserError(f"{folder / TRAIN_CONFIG} cannot be read ({error}); pass the held-out texts as --data") \
-            from None
+    config = read_settings(folder, "pass the held-out texts as --data")
     _, held_out = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data, config.eval_split,
                                   config.seed)
     if not held_out:
@@ -76,24 +61,31 @@ def held_out_stories(folder: Path) -> list[str]:
     return held_out
 
 
+def read_settings(folder: Path, otherwise: str) -> TrainConfig:
+    """The settings in the run's train_config.json; `otherwise` says what to do when it cannot be read."""
+    known = {setting.name for setting in dataclasses.fields(TrainConfig)}
+    try:
+        saved = json.loads((folder / TRAIN_CONFIG).read_text())
+        return TrainConfig(**{key: value for key, value in saved.items() if key in known})
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"{folder / TRAIN_CONFIG} cannot be read ({error}); {otherwise}") from None
+
+
 def write_settings(folder: Path, config: TrainConfig) -> None:
     """Create the run folder with its `train_config.json` (only once every input has been checked)."""
+    text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
     try:
-        atomic_write_text(folder / TRAIN_CONFIG, config.to_json())
+        atomic_files.atomic_write_text(folder / TRAIN_CONFIG, text)
     except OSError as error:
-        raise UserError(describe_os_error(error, folder)) from None
+        raise UserError(atomic_files.describe_os_error(error, folder)) from None
 
 
-def size_on_disk(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
-def human_size(size: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1000
-    raise AssertionError("unreachable")
+    return f"{size:.1f} GB"
 
 
 def drop_resume_state(folder: Path) -> None:

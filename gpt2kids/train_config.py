@@ -1,14 +1,12 @@
 """The settings of a training run (`TrainConfig`) and the `python train.py` flags that fill them.
 
 Each field is one flag (`batch_size` is `--batch-size`), with its default and help text here, so the
-flags, their defaults and `--help` come from one place. A run saves its settings as
-`train_config.json`; `--resume` reads them back.
+flags, their defaults and `--help` come from one place (`run_folder` saves them as train_config.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +26,10 @@ EXAMPLES = """examples:
   python train.py --out runs/mine --resume          # continue a stopped run
   torchrun --nproc_per_node=2 train.py              # data-parallel on 2 GPUs
 """
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def flag(default: Any, help: str, **argparse_options: Any) -> Any:
@@ -73,18 +75,15 @@ class TrainConfig:
                                           "checkpoint-previous/ (the exports stay; the run cannot be resumed)")
 
     def validate(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
         for name in ("epochs", "batch_size", "grad_accum", "block_size", "lr", "eval_every", "save_every",
                      "max_steps", "vocab_size", "early_stopping"):
-            positive(name)
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{flag_name(name)} must be positive, got {value}")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
-                raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+                raise UserError(f"{flag_name(name)} must be a finite number >= 0, got {value}")
         if not math.isfinite(self.lr):
             raise UserError(f"--lr must be finite, got {self.lr}")
         if not 0.0 <= self.eval_split < 1.0:
@@ -96,19 +95,10 @@ class TrainConfig:
         if self.private and not self.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        saved = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in saved.items() if key in known})
-
     def differences(self, other: TrainConfig) -> list[str]:
         """The flags set here to something other than the default and than `other`'s value."""
         defaults = TrainConfig()
-        return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self)
+        return [flag_name(f.name) for f in dataclasses.fields(self)
                 if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
                 and getattr(self, f.name) != getattr(other, f.name)]
 
@@ -119,18 +109,14 @@ def build_parser() -> ArgumentParser:
                                         "scratch). Writes a run folder: TensorBoard events, checkpoints, and "
                                         "best/ and final/ exports that transformers loads unchanged.")
     for setting in dataclasses.fields(TrainConfig):
-        options = dict(setting.metadata)
-        name = "--" + setting.name.replace("_", "-")
         if setting.type == "bool":
-            parser.add_argument(name, action="store_true", **options)
+            parser.add_argument(flag_name(setting.name), action="store_true", **setting.metadata)
             continue
         kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(setting.type, str)
-        parser.add_argument(name, type=kind, default=setting.default, **options)
+        parser.add_argument(flag_name(setting.name), type=kind, default=setting.default, **setting.metadata)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(build_parser().parse_args(argv)))
 
-
-__all__ = ["DEFAULT_INIT", "TrainConfig", "build_parser", "parse_args"]

@@ -37,7 +37,7 @@ from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.loss import perplexity
 from gpt2kids.memory_saving import use_memory_saving_kernels
 from gpt2kids.model import GPT2, IGNORE_INDEX
-from gpt2kids.optimizer import make_optimizer, make_scheduler
+from gpt2kids.optimizer import lr_lambda, make_optimizer
 from gpt2kids.reporting import Reporter
 from gpt2kids.tokenizer import Tokenizer
 from gpt2kids.train_config import TrainConfig
@@ -126,21 +126,17 @@ def on_device(run: Run, blocks: data.Blocks, indices: torch.Tensor) -> tuple[tor
 
 
 def backward(run: Run, micro_batches: list[torch.Tensor]) -> tuple[float, int]:
-    """Gradients of the step's mean token loss, accumulated in `.grad` over micro-batches and processes.
-
-    Returns the mean loss and the number of target tokens of the whole step.
-    """
+    """Accumulate in `.grad` the gradient of the step's mean token loss over micro-batches and processes;
+    returns that loss and the step's count of target tokens."""
     blocks = run.dataset.train
     step_tokens = sum(int((blocks.targets[m] != IGNORE_INDEX).sum()) for m in micro_batches)
     normaliser = loss_normaliser(step_tokens, run.dist.world_size)
     loss_sum = torch.zeros((), device=run.device)
     for index, micro_batch in enumerate(micro_batches):
         inputs, targets = on_device(run, blocks, run.plan.rank_slice(micro_batch, run.dist.rank))
-        last = index == len(micro_batches) - 1
         # DDP all-reduces the gradients once, after the last micro-batch.
-        sync = run.forward.no_sync() if isinstance(run.forward, DistributedDataParallel) and not last \
-            else contextlib.nullcontext()
-        with sync:
+        accumulate = isinstance(run.forward, DistributedDataParallel) and index < len(micro_batches) - 1
+        with run.forward.no_sync() if accumulate else contextlib.nullcontext():
             with run.precision.autocast(run.device):
                 loss = run.forward(inputs, targets, reduction="sum")
             run.scaler.scale(loss / normaliser).backward()
@@ -199,13 +195,10 @@ def sample_story(run: Run) -> str:
 
 
 def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = None) -> float | None:
-    """Evaluate, log, and export `best/` on a new lowest eval loss.
-
-    At the end of an epoch the epoch's row goes into the history first, so best/'s card holds it.
-    """
+    """Evaluate, log, and export `best/` on a new lowest eval loss."""
     progress = run.progress
     eval_loss = evaluate(run)
-    if end_of_epoch_row is not None:
+    if end_of_epoch_row is not None:  # into the history before the export, so best/'s card holds it
         end_of_epoch_row["eval_loss"] = eval_loss
         end_of_epoch_row["perplexity"] = perplexity(eval_loss) if eval_loss is not None else None
         progress.history.append(end_of_epoch_row)
@@ -269,14 +262,13 @@ def save_export(run: Run, which: str) -> None:
 def check_diverged(run: Run, result: StepResult) -> None:
     progress = run.progress
     progress.skipped_in_a_row = 0 if result.applied else progress.skipped_in_a_row + 1
-    if result.applied:
-        return
-    if run.precision.needs_grad_scaler and progress.skipped_in_a_row < MAX_SKIPPED_STEPS:
-        return  # fp16: the scaler lowers its scale and the next step usually succeeds
-    raise TrainingDiverged(
-        f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
-        f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
-        "lower --lr or use --precision fp32")
+    # fp16: after a skipped step the scaler lowers its scale and the next step usually succeeds.
+    give_up_after = MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1
+    if progress.skipped_in_a_row >= give_up_after:
+        raise TrainingDiverged(
+            f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
+            f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
+            "lower --lr or use --precision fp32")
 
 
 def train_epoch(run: Run) -> bool:
@@ -284,9 +276,8 @@ def train_epoch(run: Run) -> bool:
     config, progress, plan = run.config, run.progress, run.plan
     order = data.epoch_order(len(run.dataset.train), config.seed, progress.epoch)
     started = time.perf_counter()
-    bar = run.reporter.progress_bar(f"epoch {progress.epoch + 1}/{config.epochs}", plan.steps_per_epoch,
-                                    progress.step_in_epoch)
-    with bar:
+    description = f"epoch {progress.epoch + 1}/{config.epochs}"
+    with run.reporter.progress_bar(description, plan.steps_per_epoch, progress.step_in_epoch) as bar:
         while progress.step_in_epoch < plan.steps_per_epoch:
             step_started = time.perf_counter()
             result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))
@@ -303,22 +294,21 @@ def train_epoch(run: Run) -> bool:
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
 
-            end_of_epoch = progress.step_in_epoch == plan.steps_per_epoch
             stop = run.dist.any(run.stop_signal is not None, run.device)
             at_limit = config.max_steps is not None and progress.step >= config.max_steps
-            if end_of_epoch:
+            if progress.step_in_epoch < plan.steps_per_epoch:  # at the end, finish_epoch evaluates and saves
+                if config.eval_every and progress.step % config.eval_every == 0:
+                    evaluate_and_keep_best(run)
+                if stop or at_limit or (config.save_every and progress.step % config.save_every == 0):
+                    save_checkpoint(run)
+            if stop or at_limit:
                 break
-            if config.eval_every and progress.step % config.eval_every == 0:
-                evaluate_and_keep_best(run)
-            if stop or at_limit or (config.save_every and progress.step % config.save_every == 0):
-                save_checkpoint(run)
-            if stop:
-                raise stopped(run)
-            if at_limit:
-                return True
-    finish_epoch(run, time.perf_counter() - started)
+    if progress.step_in_epoch == plan.steps_per_epoch:
+        finish_epoch(run, time.perf_counter() - started)
     if stop:
-        raise stopped(run)
+        received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
+        raise Stopped(f"stopped by {received.name} at step {progress.step}; a checkpoint is saved; "
+                      f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
     return at_limit
 
 
@@ -341,12 +331,6 @@ def finish_epoch(run: Run, seconds: float) -> None:
                                   f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
     # The exports come first: a kill between them and this checkpoint replays the epoch's tail.
     save_checkpoint(run)
-
-
-def stopped(run: Run) -> Stopped:
-    received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
-    return Stopped(f"stopped by {received.name} at step {run.progress.step}; a checkpoint is saved; "
-                   f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
 
 
 @contextlib.contextmanager
@@ -377,8 +361,7 @@ def train(config: TrainConfig) -> Progress:
     config.validate()
     dist = Distributed.from_environment(config.device)
     try:
-        run = prepare_run(config, dist)
-        return run_epochs(run)
+        return run_epochs(prepare_run(config, dist))
     finally:
         dist.close()
 
@@ -386,26 +369,24 @@ def train(config: TrainConfig) -> Progress:
 def run_epochs(run: Run) -> Progress:
     progress = run.progress
     run.model.train()
-    run.reporter = Reporter(run.folder, run.dist.is_main, first_step_to_log=progress.step + 1 if progress.step else 0,
-                            settings=dataclasses.asdict(run.config) if progress.step == 0 else None)
+    run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config))
     try:
         with stop_on_signals(run):
             while progress.epoch < run.config.epochs and progress.stopped_early is None:
-                if train_epoch(run) and progress.epoch < run.config.epochs:
-                    save_export(run, "final")  # --max-steps: a smoke run still leaves a usable model
-                    report_where_things_are(run)
-                    return progress
-        progress.finished = True
-        save_export(run, "final")
-        save_checkpoint(run)
+                if train_epoch(run):  # --max-steps
+                    break
+        progress.finished = progress.epoch == run.config.epochs or progress.stopped_early is not None
+        save_export(run, "final")  # after --max-steps too: a smoke run still leaves a usable model
+        if progress.finished:
+            save_checkpoint(run)
     finally:
         run.reporter.close()
     if progress.stopped_early:
         run.reporter.say(f"stopped early: {progress.stopped_early}")
-    if run.config.drop_resume_state and run.dist.is_main:
+    if progress.finished and run.config.drop_resume_state and run.dist.is_main:
         run_folder.drop_resume_state(run.folder)
     report_where_things_are(run)
-    if run.config.push_to_hub and run.dist.is_main:
+    if progress.finished and run.config.push_to_hub and run.dist.is_main:
         push_export(run)
     return progress
 
@@ -415,8 +396,8 @@ def report_where_things_are(run: Run) -> None:
         return  # only the main process reports (and walks the run folder for its size)
     folder = run.folder
     exports = [f"{folder / name}/" for name in run_folder.EXPORTS if (folder / name).is_dir()]
-    run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds "
-                     f"{run_folder.human_size(run_folder.size_on_disk(folder))}")
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
     run.reporter.say(f"generate: python generate.py --model {folder} \"{SAMPLE_PROMPT}\"")
     run.reporter.say(f"watch:    tensorboard --logdir {folder}")
 
@@ -460,7 +441,6 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     precision = choose_precision(config.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the usual speed/precision trade on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
     train_stories, eval_stories = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data,
                                                   config.eval_split, config.seed)
@@ -500,7 +480,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     plan = data.StepPlan(len(dataset.train), config.batch_size, config.grad_accum, dist.world_size)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, device)
-    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
+    schedule = lr_lambda(config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
     run = Run(config, folder, model, forward, tokenizer, dataset, plan, optimizer, scheduler, scaler, precision,
               device, dist, base_model)

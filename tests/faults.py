@@ -74,17 +74,9 @@ def inject(point: str, when: int) -> None:
                 die()
 
         checkpoint.save_file = save_file
-    elif point == "swap":
-        original_replace = atomic_files.os.replace
-
-        def replace(source, target):
-            original_replace(source, target)
-            if Path(target).name == checkpoint.PREVIOUS and reached():
-                die()
-
-        atomic_files.os.replace = replace
-    elif point in ("best-swap", "final-swap"):
-        aside = point.removesuffix("-swap") + ".old"
+    elif point in ("swap", "best-swap", "final-swap"):
+        # Where the swap moves the old folder aside: checkpoint-previous/, best.old/ or final.old/.
+        aside = checkpoint.PREVIOUS if point == "swap" else point.removesuffix("-swap") + ".old"
         original_replace = atomic_files.os.replace
 
         def replace(source, target):

@@ -39,19 +39,20 @@ def run_with_fault(fault: str, arguments: list[str]) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, init_folder, corpus):
-    """The reference: the same run, never stopped."""
+    """The reference: the same run, never stopped (its checkpoint's weights, and best/ and final/)."""
     out = tmp_path_factory.mktemp("unbroken") / "run"
     result = run_train(*flags(init_folder, corpus, out))
     assert result.returncode == 0, result.stderr
-    return final_weights(out), load_file(out / "final" / "model.safetensors")
+    return final_weights(out), {which: load_file(out / which / "model.safetensors") for which in ("best", "final")}
 
 
-def assert_same_as_unbroken(out, unbroken) -> None:
-    reference_checkpoint, reference_export = unbroken
+def assert_same_as_unbroken(out, unbroken, exports=("final",)) -> None:
+    reference_checkpoint, reference_exports = unbroken
     for key, value in final_weights(out).items():
         assert torch.equal(value, reference_checkpoint[key]), key
-    for key, value in load_file(out / "final" / "model.safetensors").items():
-        assert torch.equal(value, reference_export[key]), key
+    for which in exports:
+        for key, value in load_file(out / which / "model.safetensors").items():
+            assert torch.equal(value, reference_exports[which][key]), (which, key)
 
 
 @pytest.mark.parametrize("fault, resumes_from", [
@@ -145,18 +146,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_fol
     assert not list(out.glob(".*.tmp"))
 
 
-@pytest.fixture(scope="module")
-def unbroken_exports(tmp_path_factory, init_folder, corpus):
-    """best/ and final/ of the unbroken reference run (weights by export)."""
-    out = tmp_path_factory.mktemp("unbroken-exports") / "run"
-    result = run_train(*flags(init_folder, corpus, out))
-    assert result.returncode == 0, result.stderr
-    return {which: load_file(out / which / "model.safetensors") for which in ("best", "final")}
-
-
 @pytest.mark.parametrize("which", ["best", "final"])
-def test_sigkill_between_the_renames_of_an_export_swap(tmp_path, init_folder, corpus, unbroken, unbroken_exports,
-                                                       which):
+def test_sigkill_between_the_renames_of_an_export_swap(tmp_path, init_folder, corpus, unbroken, which):
     out = tmp_path / "run"
     if which == "best":
         # The first time best/ is replaced: the evaluation at step 20 improved on step 10's.
@@ -178,8 +169,5 @@ def test_sigkill_between_the_renames_of_an_export_swap(tmp_path, init_folder, co
 
     resumed = run_train("--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_as_unbroken(out, unbroken)
-    for export_name, reference in unbroken_exports.items():
-        for key, value in load_file(out / export_name / "model.safetensors").items():
-            assert torch.equal(value, reference[key]), (export_name, key)
+    assert_same_as_unbroken(out, unbroken, exports=("best", "final"))
     assert not list(out.glob("*.old")) and not list(out.glob(".*.tmp")), sorted(p.name for p in out.iterdir())

@@ -148,7 +148,7 @@ def same_steps(a: Path, b: Path) -> bool:
     return True
 
 
-def test_ddp_on_two_cpu_processes_gives_the_steps_of_one_process(tmp_path, init_folder, corpus):
+def test_ddp_on_two_cpu_processes_gives_the_steps_and_weights_of_one_process(tmp_path, init_folder, corpus):
     common = ["--data", str(corpus), "--init", str(init_folder), "--epochs", "1", "--block-size", "64",
               "--lr", "1e-3", "--precision", "fp32", "--device", "cpu", "--dropout", "0", "--max-steps", "3"]
     one_thread = {"OMP_NUM_THREADS": "1"}  # the same kernels on both sides
@@ -164,6 +164,9 @@ def test_ddp_on_two_cpu_processes_gives_the_steps_of_one_process(tmp_path, init_
 
     ddp(tmp_path / "ddp", "train.py")
     assert same_steps(tmp_path / "single", tmp_path / "ddp")
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert "GPUs/processes | 2" in (tmp_path / "ddp" / "final" / "README.md").read_text()
     # The bound catches a normaliser that forgets DDP's averaging (gradients half as large).
     ddp(tmp_path / "broken", "tests/variants.py", "normaliser-without-world-size", "--")
@@ -224,27 +227,34 @@ def test_compiled_training_gives_the_steps_of_eager_and_resumes_exactly(tmp_path
     assert relative_difference(movements[1], movements[0]) < 1e-3
 
 
-def test_fp16_with_grad_scaler_skips_non_finite_steps_and_trains(tmp_path, init_folder, corpus):
-    config = config_for(init_folder, corpus, tmp_path / "run", precision="fp16", max_steps=4)
-    progress = train(config)
+def test_fp16_with_grad_scaler_trains_and_saves_the_scaler(tmp_path, init_folder, corpus):
+    progress = train(config_for(init_folder, corpus, tmp_path / "run", precision="fp16", max_steps=4))
     assert progress.step == 4
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
 
-    # A step whose gradients overflow is skipped (weights untouched) and the scale is lowered.
-    run = prepare_run(config_for(init_folder, corpus, tmp_path / "probe", precision="fp16"))
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    scale = run.scaler.get_scale()
-    forward = run.forward
-    run.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("inf")
+
+@pytest.mark.parametrize("spoil", ["overflow", "nan-loss"])
+def test_fp16_skips_a_non_finite_step_whole_and_trains_on(tmp_path, init_folder, corpus, spoil):
+    """The weights, the optimizer and the learning-rate schedule stay as they were; the next step applies."""
+    run = prepare_run(config_for(init_folder, corpus, tmp_path / "run", precision="fp16"))
+    forward, scale = run.forward, run.scaler.get_scale()
+    if spoil == "overflow":  # the loss and its gradients overflow: the scaler lowers its scale
+        run.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("inf")
+    else:  # the loss becomes NaN, its gradients do not (a constant NaN has no gradient)
+        run.forward = lambda *args, **kwargs: forward(*args, **kwargs) + torch.tensor(float("nan"))
     order = data.epoch_order(len(run.dataset.train), 3, 0)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
     result = optimizer_step(run, run.plan.step_blocks(order, 0))
-    assert not result.applied
-    assert run.scaler.get_scale() < scale
-    for key, value in run.model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert not result.applied and math.isfinite(result.grad_norm) == (spoil == "nan-loss")
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    assert run.scheduler.last_epoch == 0 and not run.optimizer.state
+    if spoil == "overflow":
+        assert run.scaler.get_scale() < scale
     run.forward = forward
     assert optimizer_step(run, run.plan.step_blocks(order, 1)).applied
+    assert run.scheduler.last_epoch == 1
+    assert all(int(state["step"]) == 1 for state in run.optimizer.state.values())
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, init_folder, corpus):
@@ -261,22 +271,6 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     assert "lower --lr" in str(error.value)
     assert all(torch.equal(kept[k], v) for k, v in final_weights(out).items())
     assert (out / "final" / "model.safetensors").read_bytes() == kept_export
-
-
-def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, init_folder, corpus):
-    common = ["--data", str(corpus), "--init", str(init_folder), "--epochs", "1", "--block-size", "64",
-              "--lr", "1e-3", "--precision", "fp32", "--device", "cpu", "--dropout", "0", "--max-steps", "3"]
-    single = run_train(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
-                         cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr
-    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert "GPUs/processes | 2" in (tmp_path / "ddp" / "final" / "README.md").read_text()
 
 
 def epoch_rows(card: str) -> list[str]:
@@ -303,24 +297,6 @@ def test_best_card_holds_the_row_of_its_own_epoch(tmp_path, init_folder, corpus)
     progress = train(config_for(init_folder, corpus, out, epochs=2))
     best_epoch = min(progress.history, key=lambda row: row["eval_loss"])["epoch"]
     assert len(epoch_rows((out / "best" / "README.md").read_text())) == best_epoch
-
-
-def test_a_non_finite_loss_with_finite_gradients_skips_the_whole_update(tmp_path, init_folder, corpus):
-    """fp16: the optimizer and the learning-rate schedule stay in step when a step is skipped."""
-    run = prepare_run(config_for(init_folder, corpus, tmp_path / "run", precision="fp16"))
-    forward = run.forward
-    # The loss becomes NaN, its gradients do not (a constant NaN has no gradient).
-    run.forward = lambda *args, **kwargs: forward(*args, **kwargs) + torch.tensor(float("nan"))
-    order = data.epoch_order(len(run.dataset.train), 3, 0)
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    result = optimizer_step(run, run.plan.step_blocks(order, 0))
-    assert not result.applied and math.isfinite(result.grad_norm)
-    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
-    assert run.scheduler.last_epoch == 0 and not run.optimizer.state
-    run.forward = forward
-    assert optimizer_step(run, run.plan.step_blocks(order, 1)).applied
-    assert run.scheduler.last_epoch == 1
-    assert all(int(state["step"]) == 1 for state in run.optimizer.state.values())
 
 
 def test_cuda_device_with_an_index_under_torchrun_is_refused():
