@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXTS
 
-from gpt2kids.text_generation import newest_export
+from gpt2kids.text_generation import HUB_DEFAULT, choose_model
 from gpt2kids.text_output import TextStream
 from gpt2kids.tokenizer import Tokenizer
 
@@ -160,13 +160,14 @@ def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words
 
 
 def test_newest_export_is_the_default(tmp_path):
-    assert newest_export(tmp_path / "runs") is None
+    assert choose_model(None, tmp_path / "runs")[0] == HUB_DEFAULT
     for index, name in enumerate(["a/final", "b/best", "c/final"]):
         (tmp_path / "runs" / name).mkdir(parents=True)
         config = tmp_path / "runs" / name / "config.json"
         config.write_text("{}")
         os.utime(config, (1_000_000 + index * (-1 if name == "c/final" else 1),) * 2)
-    assert newest_export(tmp_path / "runs") == tmp_path / "runs" / "b" / "best"
+    assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "b" / "best")
+    assert choose_model("given", tmp_path / "runs") == ("given", "given by --model")
 
 
 def test_stream_never_prints_half_a_character():
@@ -207,8 +208,6 @@ def test_without_model_the_newest_export_under_runs_is_loaded(model_folder, tmp_
 
 
 def test_without_model_or_runs_the_published_model_is_named(tmp_path):
-    from gpt2kids.text_generation import HUB_DEFAULT
-
     assert HUB_DEFAULT == "bookbot/gpt2-indo-small-kids-stories"
     # An empty hub cache, offline: the fallback must be asked for by name, and fail in one line.
     result = run_in(tmp_path, "Halo", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))

@@ -306,7 +306,7 @@ def test_stream_grows_and_never_shows_half_a_character(monkeypatch, byte_tokeniz
         on_tokens([None])
         return [ids]
 
-    monkeypatch.setattr("gpt2kids.serve.generate", fake_generate)
+    monkeypatch.setattr("gpt2kids.text_generation.generate", fake_generate)
     shown = list(stream_story(small_model, byte_tokenizer, "Archie:", SamplingSettings(greedy=True)))
     assert shown[-1] == "Archie:" + story
     assert all("\ufffd" not in text and shown[-1].startswith(text) for text in shown)
@@ -322,7 +322,7 @@ def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_
             on_tokens([byte_tokenizer.encode("a")[0]])
             time.sleep(0.001)
 
-    monkeypatch.setattr("gpt2kids.serve.generate", endless_generate)
+    monkeypatch.setattr("gpt2kids.text_generation.generate", endless_generate)
     stream = stream_story(small_model, byte_tokenizer, "", SamplingSettings(greedy=True))
     next(stream)
     stream.close()  # what gradio does when the page goes away
