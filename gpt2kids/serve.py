@@ -141,10 +141,9 @@ def _seed(text: str | float | None) -> int | None:
 
 def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt: str = WIDGET_PROMPT,
               defaults: SamplingSettings | None = None, seed: int | None = None) -> gradio.Blocks:
-    """The page: a prompt box, the sampling settings, the story streamed as it is generated.
+    """The page: a prompt box, the sampling settings (starting at `defaults` and `seed`), the story as it grows.
 
-    `defaults` and `seed` are the settings the page starts with. The app's queue runs one story at a
-    time; `app.launch()` serves it (as `serve` does, or a Space's app.py).
+    `app.launch()` serves it, as `serve` does or a Space's app.py.
     """
     gr = require_gradio()
     defaults = defaults or SamplingSettings()
@@ -178,8 +177,7 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
                                         placeholder="Leave it empty to start a new story", elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Settings", open=True):
-                    max_new_tokens = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
-                                               label="max new tokens", elem_id="max-new-tokens")
+                    max_new_tokens = slider(1, context, min(defaults.max_new_tokens, context), 1, "max new tokens")
                     greedy = gr.Checkbox(value=defaults.greedy, label="greedy (argmax: same prompt, same story)",
                                          elem_id="greedy")
                     temperature = slider(0, 2, defaults.temperature, 0.05, "temperature")
@@ -196,9 +194,7 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
                                    elem_id="story")
         button.click(tell, inputs=[prompt_box, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    no_repeat, greedy, seed_box],
-                     outputs=story, api_name=API_NAME, concurrency_limit=1)
-    # Several users at once wait their turn instead of decoding side by side.
-    app.queue(default_concurrency_limit=1)
+                     outputs=story, api_name=API_NAME, concurrency_limit=1)  # others wait in the queue
     return app
 
 
