@@ -67,6 +67,8 @@ def warn_on_stderr(message: str) -> None:
 
 @dataclass
 class StoryGenerator:
+    """A model laid out for decoding and its tokenizer: prompt texts in, stories out."""
+
     model: GPT2
     tokenizer: Tokenizer
 
@@ -126,7 +128,7 @@ class StoryGenerator:
                 stream = TextStream(self.tokenizer, rows, sys.stdout)
                 completions = self.decode(ids, settings, seed, stream)
                 stream.finish()
-            produced += sum(len(ids) for ids in completions)
+            produced += sum(map(len, completions))
         return produced
 
     def interact(self, settings: SamplingSettings, output_format: str, seed: int | None) -> None:

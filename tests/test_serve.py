@@ -341,6 +341,15 @@ def test_real_decode_streams_the_greedy_tokens(byte_tokenizer, small_model):
     assert shown[-1] == "Budi" + byte_tokenizer.decode(new)
 
 
+def test_a_prompt_too_long_for_the_context_keeps_its_end_with_a_warning(byte_tokenizer, small_model):
+    warnings: list[str] = []
+    settings = SamplingSettings(max_new_tokens=4, greedy=True)
+    shown = list(stream_story(small_model, byte_tokenizer, "x" * 100, settings, warn=warnings.append))
+    assert warnings == ["prompt 1 has 100 tokens; with --max-new-tokens 4 and a context of 64 only its last 60 "
+                        "are used"]
+    assert shown[-1].startswith("x" * 100)
+
+
 @pytest.mark.parametrize("settings, seed, words", [
     (SamplingSettings(temperature=0), None, "--greedy"),
     (SamplingSettings(top_p=0), None, "--top-p"),
