@@ -1,6 +1,6 @@
 """The decode loop behind `python generate.py`: prompts in, new tokens out, through a KV cache.
 
-Prompts are left-padded into one batch and prefilled in one forward, then continued one token a step;
+Prompts are left-padded into one batch, prefilled in one forward, then continued one token per step;
 each sequence stops on its own at end-of-text.
 """
 
@@ -13,16 +13,16 @@ import torch
 from gpt2kids.logits_processors import LogitsProcessors, SamplingSettings, choose
 from gpt2kids.model import GPT2, KVCache, build_mask
 
-# Called after each step with one entry per output row: its new token, or None when the row
-# produced nothing (it had finished before, or it has just produced end-of-text).
+# Called after each step with one entry per output row: the row's new token, or None when the row
+# produced nothing (it had already finished, or it has just produced end-of-text).
 StepCallback = Callable[[list[int | None]], None]
 
 
 def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: int) -> tuple[list[int], bool]:
     """The prompt the model will see, and whether it was cut.
 
-    An empty prompt starts from end-of-text (what GPT-2 saw before every document); a prompt that
-    leaves no room for `max_new_tokens` keeps its last tokens, at least one.
+    An empty prompt starts from end-of-text (what GPT-2 saw before every document). A prompt that
+    leaves no room for `max_new_tokens` keeps its last tokens, but at least one.
     """
     if not ids:
         return [eos_id], False
@@ -33,8 +33,8 @@ def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: in
 class PromptBatch:
     """Prompts left-padded to one width, so that every row's last prompt token is in the last column.
 
-    Padded rows get a mask and position ids that count real tokens only, so each row sees what it
-    would see alone; a batch of equal lengths needs neither.
+    Padded rows need a mask and position ids that count real tokens only, so a row sees exactly what
+    it would see alone; a batch of equal lengths needs neither.
     """
 
     def __init__(self, rows: Sequence[Sequence[int]], pad_id: int, total_length: int,
@@ -56,7 +56,7 @@ class PromptBatch:
         return build_mask(known, self.width), (known.cumsum(-1) - 1).clamp(min=0)
 
     def step_inputs(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(mask, position ids) for the token fed after decode step `step`."""
+        """(mask, position ids) for the token fed after decode step `step` (one query: its key padding)."""
         if not self.padded:
             return None, None
         return self.key_padding.bool()[:, None, None, :self.width + step + 1], self.lengths + step
@@ -64,7 +64,7 @@ class PromptBatch:
 
 def next_token_scores(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
                       positions: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of the token after each row's last one (the processors work in fp32)."""
+    """fp32 logits of the token after the last one of each row (the processors work in fp32)."""
     hidden = model.hidden_states(input_ids, positions, mask, cache)
     return model.lm_head(hidden[:, -1]).float()
 
@@ -75,9 +75,9 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
              stop_at_eos: bool = True) -> list[list[int]]:
     """Continue each prompt; returns the new token ids of every output sequence, end-of-text left out.
 
-    Sequences come in the order prompt0-seq0, prompt0-seq1, ..., prompt1-seq0, ...
-    (`settings.num_return_sequences` per prompt). `stop_at_eos=False` always makes `max_new_tokens`
-    (for benchmarks).
+    Sequences come out in the order prompt0-seq0, prompt0-seq1, ..., prompt1-seq0, ... with
+    `settings.num_return_sequences` per prompt. `on_tokens` is called after every step (see `StepCallback`),
+    which lets a caller stream text. `stop_at_eos=False` always produces `max_new_tokens` (for benchmarks).
     """
     settings.validate()
     if not prompts:

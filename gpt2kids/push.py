@@ -40,12 +40,6 @@ def export_folder(path: str | Path) -> Path:
     return folder
 
 
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads it once, when it is first imported.
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_error(error: Exception, repo_id: str) -> UserError:
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -74,7 +68,9 @@ def check_can_push(repo_id: str) -> str:
     except HFValidationError as error:
         raise UserError(f"{repo_id!r} is not a hub repo id ({error}); use owner/name, e.g. "
                         "yourname/gpt2-indo-kids-stories") from None
-    if _offline():
+    # Read here: huggingface_hub reads them once, when it is first imported.
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+           for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         raise UserError("the Hugging Face hub is offline here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
                         "unset it and retry")
     try:

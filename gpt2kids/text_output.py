@@ -43,8 +43,9 @@ class TextStream:
         while self.current < len(self.prompts):
             done = self.done[self.current]
             text = whole_characters(self.tokenizer, self.tokens[self.current], final=done)
-            if text is not None:
-                # Text that ends in whole characters stays the start of the row's later text.
+            # A prefix that decodes to whole characters stays a prefix (UTF-8 resynchronises); the
+            # startswith check only guards against a tokenizer that rewrites earlier text.
+            if text is not None and (text.startswith(self.printed) or done):
                 self.out.write(text[len(self.printed):])
                 self.printed = text
             if not done:

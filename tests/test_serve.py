@@ -44,18 +44,20 @@ MAX_NEW = 200  # with the model below, long enough to watch the page grow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
+def missing(message: str) -> None:
+    """Skip the test, or fail it in CI (which installs everything)."""
+    pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
 def need(module: str) -> None:
-    """Skip (fail in CI) when `module` is not installed."""
     if importlib.util.find_spec(module) is None:
-        message = f'{module} is not installed: pip install -e ".[demo,dev]"'
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        missing(f'{module} is not installed: pip install -e ".[demo,dev]"')
 
 
 def need_chromium() -> None:
     need("playwright")
     if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing: apt-get install -y chromium"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        missing(f"{CHROMIUM} is missing: apt-get install -y chromium")
 
 
 def run_generate(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
