@@ -58,8 +58,7 @@ def seen_tokens(histories: Sequence[Sequence[int]], vocab_size: int, device: tor
     """The (B, V) bool mask `apply_repetition_penalty` takes, built from token-id lists."""
     seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
     for row, history in enumerate(histories):
-        if history:
-            seen[row, torch.tensor(list(history), device=device)] = True
+        seen[row, list(history)] = True
     return seen
 
 
