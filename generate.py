@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.device import PRECISIONS
@@ -13,7 +14,6 @@ from gpt2kids.errors import UserError
 from gpt2kids.hf import resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.text_generation import HUB_DEFAULT, StoryGenerator, check_prompt_text, choose_model, read_prompts_file
-from gpt2kids.text_output import TextStream, write_jsonl
 
 EXAMPLES = """examples:
   python generate.py "Archie sedang mengendarai roket ke planet Mars."
@@ -23,7 +23,6 @@ EXAMPLES = """examples:
   python generate.py --interactive --model runs/my-run
   python generate.py -- "-Halo, kata si Kancil."       (a prompt that starts with a dash)
 """
-PROMPTS_PER_BATCH = 16  # prompts decoded together from --prompts-file: one forward serves them all
 
 
 def build_parser() -> ArgumentParser:
@@ -59,43 +58,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def settings_from(args) -> SamplingSettings:
-    return SamplingSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        greedy=args.greedy, num_return_sequences=args.num_return_sequences)
-
-
-def write_stories(generator: StoryGenerator, prompts: Sequence[str], settings: SamplingSettings,
-                  output_format: str, seed: int | None) -> int:
-    """Generate for `prompts` (in batches) and print; returns the number of new tokens."""
-    produced = 0
-    for start in range(0, len(prompts), PROMPTS_PER_BATCH):
-        batch = prompts[start:start + PROMPTS_PER_BATCH]
-        rows = [prompt for prompt in batch for _ in range(settings.num_return_sequences)]
-        if output_format == "text":
-            if start > 0:
-                sys.stdout.write("\n")
-            stream = TextStream(generator.tokenizer, rows, sys.stdout)
-            completions = generator.generate(batch, settings, seed, stream)
-            stream.finish()
-        else:
-            completions = generator.generate(batch, settings, seed)
-            write_jsonl(generator.tokenizer, rows, completions, sys.stdout)
-        produced += sum(len(ids) for ids in completions)
-    return produced
-
-
-def interact(generator: StoryGenerator, settings: SamplingSettings, output_format: str, seed: int | None) -> None:
-    print("type a prompt and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
-    while True:
-        print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
-            return
-        write_stories(generator, [line.rstrip("\n")], settings, output_format, seed)
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Prompts may come before or after the flags; everything after `--` is a prompt, even "-Halo"."""
     argv = list(argv)
@@ -105,9 +67,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    settings = settings_from(args)
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    settings = SamplingSettings(**{field.name: getattr(args, field.name) for field in fields(SamplingSettings)})
     settings.validate()
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -127,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec, why = choose_model(args.model)
     folder = resolve(spec)  # a hub id is fetched (or found in the cache) once, here
     print(f"model: {folder}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too
-    generator = StoryGenerator.load(str(folder), args.device, args.precision)
+    generator = StoryGenerator.load(folder, args.device, args.precision)
     print(f"loaded on {generator.description}", file=sys.stderr)
     if settings.max_new_tokens >= generator.model.config.n_positions:
         print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
@@ -137,14 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve(generator.model, generator.tokenizer, args.host, args.port, model_name=spec,
               prompt=prompts[0] if prompts else WIDGET_PROMPT, defaults=settings, seed=args.seed)
-        return 0
-    if args.interactive:
-        interact(generator, settings, args.format, args.seed)
-        return 0
-    start = time.perf_counter()
-    produced = write_stories(generator, prompts, settings, args.format, args.seed)  # Ctrl-C: see run_cli
-    elapsed = time.perf_counter() - start
-    print(f"{produced} new tokens in {elapsed:.2f} s ({produced / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    elif args.interactive:
+        generator.interact(settings, args.format, args.seed)
+    else:
+        start = time.perf_counter()
+        produced = generator.write_stories(prompts, settings, args.format, args.seed)  # Ctrl-C: see run_cli
+        elapsed = time.perf_counter() - start
+        print(f"{produced} new tokens in {elapsed:.2f} s ({produced / max(elapsed, 1e-9):.1f} tokens/s)",
+              file=sys.stderr)
     return 0
 
 

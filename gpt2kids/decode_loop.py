@@ -27,9 +27,7 @@ def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: in
     if not ids:
         return [eos_id], False
     keep = max(1, context - max_new_tokens)
-    if len(ids) > keep:
-        return list(ids[-keep:]), True
-    return list(ids), False
+    return list(ids[-keep:]), len(ids) > keep
 
 
 class PromptBatch:
@@ -75,12 +73,11 @@ def next_token_scores(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask
 def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSettings, eos_id: int,
              generator: torch.Generator | None = None, on_tokens: StepCallback | None = None, *,
              stop_at_eos: bool = True) -> list[list[int]]:
-    """Continue each prompt; returns the new token ids of every output sequence.
+    """Continue each prompt; returns the new token ids of every output sequence, end-of-text left out.
 
     Sequences come out in the order prompt0-seq0, prompt0-seq1, ..., prompt1-seq0, ... with
-    `settings.num_return_sequences` per prompt. End-of-text ends a sequence and is not returned.
-    `on_tokens` is called after every step (see `StepCallback`), which lets a caller stream text.
-    `stop_at_eos=False` always produces `max_new_tokens` (for benchmarks).
+    `settings.num_return_sequences` per prompt. `on_tokens` is called after every step (see `StepCallback`),
+    which lets a caller stream text. `stop_at_eos=False` always produces `max_new_tokens` (for benchmarks).
     """
     settings.validate()
     if not prompts:
@@ -117,6 +114,3 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
         processors.add(tokens)
         scores = next_token_scores(model, tokens[:, None], cache, *batch.step_inputs(step))
     return outputs
-
-
-__all__ = ["PromptBatch", "StepCallback", "fit_prompt", "generate", "next_token_scores"]

@@ -1,13 +1,10 @@
 """python -m gpt2kids.evaluate: the loss and perplexity of one or more models on a set of texts.
 
-The texts are prepared as Hugging Face's causal-LM recipe (run_clm) prepares them: each text
-tokenized, the token lists concatenated as they are (the recipe adds no end-of-text between texts),
-cut into blocks of `--block-size` tokens, the last partial block dropped. The loss is averaged over
-every next-token prediction, T - 1 per block of T tokens, as the 2021 Trainer behind the published
-model's card reported its eval loss, so the figure stands beside that card's 3.777.
-
-Models that share a tokenizer are scored on the very same blocks; a model with another tokenizer
-gets its own blocks of the same texts, and the output says so.
+The texts are prepared as Hugging Face's causal-LM recipe (run_clm) prepares them: tokenized, concatenated
+with nothing between them, cut into blocks of `--block-size` tokens, the last partial block dropped. The
+loss is the mean over every next-token prediction (T - 1 per block of T), as the 2021 Trainer behind the
+published card reported its eval loss, so the figure stands beside that card's 3.777. Models that share
+a tokenizer are scored on the very same blocks; one with another tokenizer gets its own, and a note says so.
 """
 
 from __future__ import annotations
@@ -73,8 +70,6 @@ def mean_loss(model: GPT2, blocks: torch.Tensor, precision: Precision, batch_siz
     return total / predictions, predictions
 
 
-# --- the command line -----------------------------------------------------------------------------
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m gpt2kids.evaluate", description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -95,7 +90,7 @@ def table(results: list[Result]) -> str:
     """An aligned table: the model left-aligned, the figures right-aligned."""
     rows = [("model", "loss", "perplexity", "tokens", "blocks")]
     rows += [(r.model, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.tokens:,}", f"{r.blocks:,}") for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     lines = []
     for name, *figures in rows:
         cells = [name.ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(figures, widths[1:], strict=True)]
@@ -107,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-    data_path = Path(args.data)
-    is_run = (data_path / run_folder.TRAIN_CONFIG).is_file()
-    texts = run_folder.held_out_stories(data_path) if is_run else read_stories(data_path)
+    data = Path(args.data)
+    texts = run_folder.held_out_stories(data) if (data / run_folder.TRAIN_CONFIG).is_file() else read_stories(data)
     device = resolve_device(args.device)
     precision = choose_precision(args.precision, device)
     folders = [resolve(spec) for spec in args.models]
@@ -121,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     if block_size < 2:
         raise UserError(f"--block-size {block_size} is too small; a block of T tokens gives T - 1 predictions, "
                         "so use 2 or more")
-    for spec, config in zip(args.models, configs, strict=True):
+    blocks_of: dict[str, torch.Tensor] = {}  # serialized tokenizer -> its blocks
+    model_blocks = []
+    for spec, tokenizer, config in zip(args.models, tokenizers, configs, strict=True):
         if block_size > config.n_positions:
             raise UserError(f"--block-size {block_size} exceeds the context of {spec} ({config.n_positions} tokens); "
                             f"use --block-size {config.n_positions} or less")
-    blocks_of: dict[str, torch.Tensor] = {}  # serialized tokenizer -> its blocks
-    for spec, tokenizer, config in zip(args.models, tokenizers, configs, strict=True):
         key = tokenizer.backend.to_str()
         if key not in blocks_of:
             blocks_of[key] = make_blocks(texts, tokenizer, block_size)
         blocks = blocks_of[key]
+        model_blocks.append(blocks)
         if len(blocks) == 0:
             raise UserError(f"the texts in {args.data} give fewer than {block_size} tokens with the tokenizer of "
                             f"{spec}, so not one block; add texts or lower --block-size")
@@ -143,16 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(blocks_of) > 1 and args.format == "jsonl":
         print(TOKENIZERS_DIFFER, file=sys.stderr)  # stdout holds JSON only
     results = []
-    for spec, folder, tokenizer in zip(args.models, folders, tokenizers, strict=True):
-        blocks = blocks_of[tokenizer.backend.to_str()]
+    for spec, folder, blocks in zip(args.models, folders, model_blocks, strict=True):
         model, _ = load_model(folder, device)  # one model in memory at a time
         use_memory_saving_kernels(model)  # the loss by chunks: the full logits never exist
         loss, predictions = mean_loss(model, blocks, precision, args.batch_size, label=spec)
         del model
-        result = Result(spec, loss, perplexity(loss), predictions, len(blocks))
-        results.append(result)
+        results.append(Result(spec, loss, perplexity(loss), predictions, len(blocks)))
         if args.format == "jsonl":
-            print(json.dumps(asdict(result)), flush=True)
+            print(json.dumps(asdict(results[-1])), flush=True)
     if args.format == "text":
         print(table(results))
         if len(blocks_of) > 1:

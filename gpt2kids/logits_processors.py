@@ -1,9 +1,8 @@
 """Sampling settings and the logits processors of `python generate.py`.
 
-The processors are small pure functions over a (B, V) float32 score tensor, each tested to give the
-scores of its transformers counterpart. `LogitsProcessors` applies them in the order transformers'
-`generate` does: repetition penalty, no-repeat n-gram, then (when sampling) temperature, top-k and
-top-p; a processor that would change nothing is skipped.
+Each processor is a pure function over (B, V) float32 scores, tested to give the scores of its
+transformers counterpart. `LogitsProcessors` applies them in transformers' order (repetition penalty,
+no-repeat n-gram, then when sampling temperature, top-k, top-p), skipping those that would change nothing.
 """
 
 from __future__ import annotations
@@ -46,13 +45,10 @@ class SamplingSettings:
             raise UserError(f"--num-return-sequences must be at least 1, got {self.num_return_sequences}")
 
 
-# --- logits processors ----------------------------------------------------------------------------
-
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Penalise every token already in the row's history (prompt and generated), once each.
+    """Penalise each token in `seen` (a (B, V) bool mask of the row's history) once.
 
-    `seen` is a (B, V) bool mask of those tokens. Negative scores are multiplied by the penalty and
-    positive ones divided, so a penalty above 1 always makes a seen token less likely.
+    Negative scores are multiplied and positive ones divided, so a penalty above 1 always lowers them.
     """
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     return torch.where(seen, penalised, scores)
@@ -62,21 +58,17 @@ def seen_tokens(histories: Sequence[Sequence[int]], vocab_size: int, device: tor
     """The (B, V) bool mask `apply_repetition_penalty` takes, built from token-id lists."""
     seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
     for row, history in enumerate(histories):
-        if history:
-            seen[row, torch.tensor(list(history), device=device)] = True
+        seen[row, list(history)] = True
     return seen
 
 
 class NGramBans:
-    """Per row, which next tokens would complete an n-gram already seen in that row.
+    """Per row, the next tokens that would complete an n-gram already in that row.
 
-    Kept incrementally: each appended token records one n-gram, so a step costs O(rows) rather than
-    a rescan of the whole history.
+    Kept incrementally: each new token records one n-gram, so a step never rescans the history.
     """
 
     def __init__(self, histories: Sequence[Sequence[int]], n: int) -> None:
-        if n < 1:
-            raise ValueError("n-gram size must be at least 1")
         self.n = n
         self.tokens: list[list[int]] = [[] for _ in histories]
         self.followers: list[dict[tuple[int, ...], set[int]]] = [{} for _ in histories]
@@ -99,7 +91,7 @@ class NGramBans:
         return self.followers[row].get(prefix, set())
 
 
-def apply_bans(scores: torch.Tensor, banned: Sequence[set[int] | Sequence[int]]) -> torch.Tensor:
+def apply_bans(scores: torch.Tensor, banned: Sequence[set[int]]) -> torch.Tensor:
     """Set the banned tokens of each row to -inf."""
     rows = [row for row, tokens in enumerate(banned) for _ in tokens]
     if not rows:
@@ -124,26 +116,13 @@ def apply_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of best tokens whose probabilities add up to at least `top_p`.
 
-    Sorted ascending, a token is dropped when the probability mass at or below it is at most
-    1 - top_p; the best token always stays, so at least one survives.
+    Sorted ascending, a token goes when the mass at or below it is at most 1 - top_p; the best always stays.
     """
     ascending, order = torch.sort(scores, dim=-1)
-    mass_below = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = mass_below <= 1 - top_p
+    drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
     drop_sorted[:, -1] = False
     drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
-
-
-def warp(scores: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Temperature, top-k, top-p: the sampling-only processors, each skipped when it is a no-op."""
-    if settings.temperature != 1.0:
-        scores = apply_temperature(scores, settings.temperature)
-    if settings.top_k > 0 and settings.top_k < scores.shape[-1]:
-        scores = apply_top_k(scores, settings.top_k)
-    if settings.top_p < 1.0:
-        scores = apply_top_p(scores, settings.top_p)
-    return scores
 
 
 class LogitsProcessors:
@@ -156,12 +135,19 @@ class LogitsProcessors:
         self.bans = NGramBans(histories, settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size > 0 else None
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        settings = self.settings
         if self.seen is not None:
-            scores = apply_repetition_penalty(scores, self.seen, self.settings.repetition_penalty)
+            scores = apply_repetition_penalty(scores, self.seen, settings.repetition_penalty)
         if self.bans is not None:
             scores = apply_bans(scores, [self.bans.banned(row) for row in range(scores.shape[0])])
-        if not self.settings.greedy:
-            scores = warp(scores, self.settings)
+        if settings.greedy:
+            return scores
+        if settings.temperature != 1.0:
+            scores = apply_temperature(scores, settings.temperature)
+        if 0 < settings.top_k < scores.shape[-1]:
+            scores = apply_top_k(scores, settings.top_k)
+        if settings.top_p < 1.0:
+            scores = apply_top_p(scores, settings.top_p)
         return scores
 
     def add(self, tokens: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from gpt2kids.hf import HUB_ID
 from gpt2kids.loss import perplexity
 from gpt2kids.loss_chart import loss_svg
 
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 
 WIDGET_PROMPT = "Archie sedang mengendarai roket ke planet Mars."
 TAGS = ["gpt2", "text-generation", "gpt2kids", "indonesian", "children-stories"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass

@@ -40,23 +40,17 @@ def export_folder(path: str | Path) -> Path:
     return folder
 
 
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads it once, when it is first imported.
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_error(error: Exception, repo_id: str) -> UserError:
     from huggingface_hub.errors import HfHubHTTPError
 
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if isinstance(error, HfHubHTTPError) and status == 401:
+    status = getattr(error.response, "status_code", None) if isinstance(error, HfHubHTTPError) else None
+    if status == 401:
         return UserError("the Hugging Face hub refused the token (401 Unauthorized): run `hf auth login` again "
                          "or set a valid HF_TOKEN")
-    if isinstance(error, HfHubHTTPError) and status == 403:
+    if status == 403:
         return UserError(f"the token may not write to {repo_id} (403 Forbidden): use a token with write access, "
                          "and a repo under your own name or an organisation you belong to")
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return UserError(f"the upload to {repo_id} failed ({reason}); check your network and retry")
 
 
@@ -74,7 +68,9 @@ def check_can_push(repo_id: str) -> str:
     except HFValidationError as error:
         raise UserError(f"{repo_id!r} is not a hub repo id ({error}); use owner/name, e.g. "
                         "yourname/gpt2-indo-kids-stories") from None
-    if _offline():
+    # Read here: huggingface_hub reads them once, when it is first imported.
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+           for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         raise UserError("the Hugging Face hub is offline here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
                         "unset it and retry")
     try:
@@ -89,8 +85,7 @@ def check_can_push(repo_id: str) -> str:
 def push_export(folder: Path, repo_id: str, private: bool = False, api: Any = None) -> str:
     """Upload `folder` (an export, or a run folder) to the hub model repo `repo_id`; returns the repo URL.
 
-    The repo is created if needed; `private` applies only to a repo created here. The token comes from
-    HF_TOKEN or the one `hf auth login` stored. `api` (an `HfApi`) is for tests.
+    The repo is created if needed (`private` applies only then). `api` (an `HfApi`) is for tests.
     """
     from huggingface_hub import HfApi
 

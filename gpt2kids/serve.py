@@ -1,13 +1,9 @@
 """`python generate.py --serve`: a local web page to try a model, like the hub's inference widget.
 
-The page is a gradio app (what model demos on the hub are built with), so the app `build_app`
-returns also runs as a Space. gradio is an optional extra (`pip install -e ".[demo]"`): it is
-imported only here, and only when a page is built.
-
-The model is loaded once and shared by every request. One story is decoded at a time: a decode step
-already uses every core, so two side by side would each run at half speed; requests wait in gradio's
-queue instead. Each story is decoded in a worker thread that feeds a queue,
-and the page shows the text as it grows.
+The page is a gradio app (what model demos on the hub are built with), so it also runs as a Space.
+gradio is an optional extra (`pip install -e ".[demo]"`), imported only when a page is built. The model
+is loaded once and shared; one story is decoded at a time (a decode step already uses every core, so
+two side by side would each run at half speed): requests wait in gradio's queue instead.
 """
 
 from __future__ import annotations
@@ -19,19 +15,16 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
-
-from gpt2kids.decode_loop import fit_prompt, generate
 from gpt2kids.errors import UserError
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.model_card import WIDGET_PROMPT  # the published card's widget prompt
-from gpt2kids.text_generation import check_prompt_text
-from gpt2kids.text_output import REPLACEMENT
+from gpt2kids.text_generation import StoryGenerator, warn_on_stderr
+from gpt2kids.text_output import whole_characters
 from gpt2kids.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -40,9 +33,8 @@ if TYPE_CHECKING:
 API_NAME = "generate"  # the endpoint: POST /gradio_api/call/generate, or gradio_client's api_name="/generate"
 MISSING_GRADIO = '--serve needs gradio: pip install -e ".[demo]"'
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (and negative ones, which we refuse)
-
-# One decode at a time in this process, whatever the queue's settings (see the module docstring).
-_DECODE_LOCK = threading.Lock()
+_DECODE_LOCK = threading.Lock()  # one decode at a time in this process, whatever the queue's settings
+_DONE = object()
 
 
 def require_gradio() -> gradio:
@@ -66,32 +58,19 @@ class _Cancelled(Exception):
     """Raised inside the decode loop's callback when nobody reads the story any more."""
 
 
-_DONE = object()
-
-
 def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: SamplingSettings,
-                 seed: int | None = None) -> Iterator[str]:
-    """Yield the prompt and its continuation so far, growing as tokens are decoded; the last is final.
+                 seed: int | None = None, warn: Callable[[str], None] = warn_on_stderr) -> Iterator[str]:
+    """Yield the prompt and its continuation so far as tokens are decoded; the last one is final.
 
-    Raises `UserError` for bad settings or a prompt the tokenizer cannot take. The text shown never
-    ends in half a UTF-8 character (a decoded prefix ending in U+FFFD is waiting for the rest of it),
-    except in the final text, where such bytes are all there is. Closing the iterator early stops
-    the decode after the current step.
+    Bad settings or prompts raise `UserError`. Only the final text may end in half a UTF-8 character.
+    The story is decoded in a worker thread; closing the iterator stops it after the current step.
     """
     settings = replace(settings, num_return_sequences=1)
     settings.validate()
-    check_prompt_text([prompt])
     if seed is not None and not 0 <= seed < SEED_LIMIT:
         raise UserError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
-    config = model.config
-    eos_id = tokenizer.eos_id
-    ids = tokenizer.encode(prompt)
-    if any(token >= config.vocab_size for token in [*ids, eos_id]):
-        raise UserError(f"the tokenizer gives token ids beyond the model's vocabulary of {config.vocab_size}; "
-                        "the tokenizer and the model do not belong together")
-    device = model.transformer.wte.weight.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-
+    story = StoryGenerator(model, tokenizer)
+    ids = story.encode([prompt], settings.max_new_tokens, warn)
     updates: queue.Queue[object] = queue.Queue()
     stop = threading.Event()
 
@@ -103,7 +82,7 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     def work() -> None:
         try:
             with _DECODE_LOCK:
-                generate(model, [ids], settings, eos_id, generator, on_tokens)
+                story.decode(ids, settings, seed, on_tokens)
         except _Cancelled:
             pass
         except BaseException as error:  # handed to the reading thread, which raises it
@@ -115,21 +94,20 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     worker.start()
     tokens: list[int] = []
     shown = None
+    done = False
     try:
-        done = False
         while not done:
             items = [updates.get()]
             while not updates.empty():  # one page update for every token that arrived meanwhile
                 items.append(updates.get_nowait())
             for item in items:
-                if item is _DONE:
-                    done = True
-                elif isinstance(item, BaseException):
+                if isinstance(item, BaseException):
                     raise item
-                elif item is not None:
+                done = done or item is _DONE
+                if isinstance(item, int):
                     tokens.append(item)
-            text = tokenizer.decode(tokens)
-            if text != shown and (done or not text.endswith(REPLACEMENT)):
+            text = whole_characters(tokenizer, tokens, final=done)
+            if text is not None and text != shown:
                 shown = text
                 yield prompt + text
     finally:
@@ -142,9 +120,7 @@ def _for_the_page(message: str) -> str:
     return re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda flag: f'"{flag.group(1).replace("-", " ")}"', message)
 
 
-def _whole(value: float | None, name: str) -> int | None:
-    if value is None:
-        return None
+def _whole(value: float, name: str) -> int:
     if not math.isfinite(value) or value != int(value):
         raise UserError(f"{name} must be a whole number, got {value}")
     return int(value)
@@ -152,23 +128,22 @@ def _whole(value: float | None, name: str) -> int | None:
 
 def _seed(text: str | float | None) -> int | None:
     """The seed box's value: empty for none, else a whole number (an API client may send a number)."""
-    if text is None or isinstance(text, int | float):
+    if isinstance(text, int | float):
         return _whole(text, "seed")
-    text = text.strip()
-    if not text:
+    if text is None or not text.strip():
         return None
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"seed must be a whole number (or empty: a different story each time), got {text!r}") from None
+        raise UserError("seed must be a whole number (or empty: a different story each time), "
+                        f"got {text.strip()!r}") from None
 
 
 def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt: str = WIDGET_PROMPT,
               defaults: SamplingSettings | None = None, seed: int | None = None) -> gradio.Blocks:
-    """The page: a prompt box, the sampling settings, the story streamed as it is generated.
+    """The page: a prompt box, the sampling settings (starting at `defaults` and `seed`), the story as it grows.
 
-    `defaults` and `seed` are the settings the page starts with. The app's queue runs one story at a
-    time; `app.launch()` serves it (as `serve` does, or a Space's app.py).
+    `app.launch()` serves it, as `serve` does or a Space's app.py.
     """
     gr = require_gradio()
     defaults = defaults or SamplingSettings()
@@ -182,13 +157,8 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
                 max_new_tokens=_whole(max_new_tokens, "max new tokens"), temperature=float(temperature),
                 top_k=_whole(top_k, "top-k"), top_p=float(top_p), repetition_penalty=float(repetition_penalty),
                 no_repeat_ngram_size=_whole(no_repeat_ngram_size, "no repeat n-gram size"), greedy=bool(greedy))
-            check_prompt_text([prompt])
-            ids = tokenizer.encode(prompt)
-            fitted, cut = fit_prompt(ids, context, settings.max_new_tokens, tokenizer.eos_id)
-            if cut:
-                gr.Warning(f"The prompt has {len(ids)} tokens; with {settings.max_new_tokens} new tokens and a "
-                           f"context of {context} the model sees only its last {len(fitted)}.")
-            yield from stream_story(model, tokenizer, prompt, settings, _seed(seed))
+            yield from stream_story(model, tokenizer, prompt, settings, _seed(seed),
+                                    warn=lambda message: gr.Warning(_for_the_page(message)))
         except UserError as error:
             raise gr.Error(_for_the_page(str(error)), print_exception=False) from None
 
@@ -207,8 +177,7 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
                                         placeholder="Leave it empty to start a new story", elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Settings", open=True):
-                    max_new_tokens = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
-                                               label="max new tokens", elem_id="max-new-tokens")
+                    max_new_tokens = slider(1, context, min(defaults.max_new_tokens, context), 1, "max new tokens")
                     greedy = gr.Checkbox(value=defaults.greedy, label="greedy (argmax: same prompt, same story)",
                                          elem_id="greedy")
                     temperature = slider(0, 2, defaults.temperature, 0.05, "temperature")
@@ -225,9 +194,7 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
                                    elem_id="story")
         button.click(tell, inputs=[prompt_box, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    no_repeat, greedy, seed_box],
-                     outputs=story, api_name=API_NAME, concurrency_limit=1)
-    # Several users at once wait their turn instead of decoding side by side.
-    app.queue(default_concurrency_limit=1)
+                     outputs=story, api_name=API_NAME, concurrency_limit=1)  # others wait in the queue
     return app
 
 
@@ -253,6 +220,3 @@ def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int 
         print("stopping", file=sys.stderr)
     finally:
         app.close()
-
-
-__all__ = ["API_NAME", "WIDGET_PROMPT", "build_app", "require_gradio", "serve", "stream_story"]

@@ -1,14 +1,9 @@
-"""Text in, stories out: the model behind `python generate.py`, loaded once and used for many prompts.
-
-`choose_model` says which model a plain `python generate.py` uses and why; `StoryGenerator` holds a
-model laid out for decoding and its tokenizer, turns prompt texts into token ids (cutting what does
-not fit the context, with a warning) and continues them through `gpt2kids.decode_loop.generate`.
-"""
+"""Text in, stories out: the model behind `python generate.py`, loaded once and used for many prompts."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,26 +18,20 @@ from gpt2kids.errors import UserError
 from gpt2kids.hf import load_model, load_tokenizer, resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
+from gpt2kids.text_output import TextStream, write_jsonl
 from gpt2kids.tokenizer import Tokenizer
 
 HUB_DEFAULT = "bookbot/gpt2-indo-small-kids-stories"
-
-
-def newest_export(runs: Path = Path("runs")) -> Path | None:
-    """The `runs/*/final` or `runs/*/best` export whose config.json was written last."""
-    configs = [config for pattern in ("*/final/config.json", "*/best/config.json") for config in runs.glob(pattern)]
-    if not configs:
-        return None
-    return max(configs, key=lambda config: config.stat().st_mtime).parent
+PROMPTS_PER_BATCH = 16  # prompts decoded together from --prompts-file: one forward serves them all
 
 
 def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]:
-    """(the model to load, why that one): the given --model, the newest export, or the published model."""
+    """(the model to load, why that one): the given --model, the newest export under `runs`, or the published one."""
     if spec is not None:
         return spec, "given by --model"
-    found = newest_export(runs)
-    if found is not None:
-        return str(found), f"the newest export under {runs}/"
+    configs = [config for pattern in ("*/final/config.json", "*/best/config.json") for config in runs.glob(pattern)]
+    if configs:
+        return str(max(configs, key=lambda config: config.stat().st_mtime).parent), f"the newest export under {runs}/"
     return HUB_DEFAULT, f"the published model, since {runs}/ holds no export (train one with python train.py)"
 
 
@@ -72,49 +61,82 @@ def check_prompt_text(prompts: Sequence[str]) -> None:
                             "encoding (a UTF-8 locale is needed)") from None
 
 
+def warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @dataclass
 class StoryGenerator:
+    """A model laid out for decoding and its tokenizer: prompt texts in, stories out."""
+
     model: GPT2
     tokenizer: Tokenizer
-    folder: Path
-    device: torch.device
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                            f"{self.model.config.vocab_size}; the tokenizer and the model do not belong together")
 
     @classmethod
-    def load(cls, spec: str, device_name: str = "auto", precision: str = "auto") -> StoryGenerator:
+    def load(cls, spec: str | Path, device_name: str = "auto", precision: str = "auto") -> StoryGenerator:
         """Load `spec` (a run folder, export, HF folder or hub id) with weights laid out for decoding."""
         device = resolve_device(device_name)
         folder = resolve(spec)  # first, so that a bad --model is the only line on stderr
         dtype = weights_dtype_for_inference(precision, device, GPT2Config.from_json_file(folder / "config.json"))
         model, folder = load_model(folder, device, dtype)
-        model = optimize_for_decoding(model.eval())
-        tokenizer = load_tokenizer(folder)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model only "
-                            f"{model.config.vocab_size}; the tokenizer and the model do not belong together")
-        return cls(model, tokenizer, folder, device)
+        return cls(optimize_for_decoding(model), load_tokenizer(folder))
 
     @property
     def description(self) -> str:
-        dtype = str(self.model.transformer.wte.weight.dtype).removeprefix("torch.")
-        return f"{self.device} ({dtype} weights)"
+        weight = self.model.transformer.wte.weight
+        return f"{weight.device} ({str(weight.dtype).removeprefix('torch.')} weights)"
 
-    def encode(self, prompts: Sequence[str], settings: SamplingSettings) -> list[list[int]]:
-        """Token ids of each prompt; says on stderr when a prompt must lose its start to fit the context."""
+    def encode(self, prompts: Sequence[str], max_new_tokens: int,
+               warn: Callable[[str], None] = warn_on_stderr) -> list[list[int]]:
+        """Token ids of each prompt; warns when a prompt must lose its start to fit the context."""
         check_prompt_text(prompts)
         context = self.model.config.n_positions
         encoded = self.tokenizer.encode_batch(prompts)
         for number, ids in enumerate(encoded, start=1):
-            fitted, cut = fit_prompt(ids, context, settings.max_new_tokens, self.tokenizer.eos_id)
+            fitted, cut = fit_prompt(ids, context, max_new_tokens, self.tokenizer.eos_id)
             if cut:
-                print(f"warning: prompt {number} has {len(ids)} tokens; with --max-new-tokens "
-                      f"{settings.max_new_tokens} and a context of {context} only its last {len(fitted)} are used",
-                      file=sys.stderr)
+                warn(f"prompt {number} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} and a "
+                     f"context of {context} only its last {len(fitted)} are used")
         return encoded
 
-    def generate(self, prompts: Sequence[str], settings: SamplingSettings, seed: int | None = None,
-                 on_tokens: StepCallback | None = None) -> list[list[int]]:
+    def decode(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None = None,
+               on_tokens: StepCallback | None = None) -> list[list[int]]:
         """New token ids for each prompt (`settings.num_return_sequences` each, in order)."""
-        settings.validate()
-        ids = self.encode(prompts, settings)
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        return generate(self.model, ids, settings, self.tokenizer.eos_id, generator, on_tokens)
+        device = self.model.transformer.wte.weight.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        return generate(self.model, prompts, settings, self.tokenizer.eos_id, generator, on_tokens)
+
+    def write_stories(self, prompts: Sequence[str], settings: SamplingSettings, output_format: str,
+                      seed: int | None) -> int:
+        """Print the stories of `prompts` on stdout, a batch at a time; returns the number of new tokens."""
+        produced = 0
+        for start in range(0, len(prompts), PROMPTS_PER_BATCH):
+            batch = prompts[start:start + PROMPTS_PER_BATCH]
+            ids = self.encode(batch, settings.max_new_tokens)
+            rows = [prompt for prompt in batch for _ in range(settings.num_return_sequences)]
+            if output_format == "jsonl":
+                completions = self.decode(ids, settings, seed)
+                write_jsonl(self.tokenizer, rows, completions, sys.stdout)
+            else:
+                if start > 0:
+                    sys.stdout.write("\n")
+                stream = TextStream(self.tokenizer, rows, sys.stdout)
+                completions = self.decode(ids, settings, seed, stream)
+                stream.finish()
+            produced += sum(map(len, completions))
+        return produced
+
+    def interact(self, settings: SamplingSettings, output_format: str, seed: int | None) -> None:
+        """A prompt loop on standard input; an empty line or end of input ends it."""
+        print("type a prompt and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
+        while True:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                return
+            self.write_stories([line.rstrip("\n")], settings, output_format, seed)

@@ -13,15 +13,16 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXTS
 
-from gpt2kids.text_generation import newest_export
+from gpt2kids.text_generation import HUB_DEFAULT, choose_model
 from gpt2kids.text_output import TextStream
 from gpt2kids.tokenizer import Tokenizer
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, encoding="utf-8", errors="surrogateescape", timeout=120)
+def run(*args: str, cwd: Path = REPO, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """generate.py offline, started from `cwd` (another folder: as a user would from their project)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **env}
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=cwd, env=environment, input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", errors="surrogateescape", timeout=120)
 
 
 def jsonl(result: subprocess.CompletedProcess) -> list[dict]:
@@ -160,13 +161,14 @@ def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words
 
 
 def test_newest_export_is_the_default(tmp_path):
-    assert newest_export(tmp_path / "runs") is None
+    assert choose_model(None, tmp_path / "runs")[0] == HUB_DEFAULT
     for index, name in enumerate(["a/final", "b/best", "c/final"]):
         (tmp_path / "runs" / name).mkdir(parents=True)
         config = tmp_path / "runs" / name / "config.json"
         config.write_text("{}")
         os.utime(config, (1_000_000 + index * (-1 if name == "c/final" else 1),) * 2)
-    assert newest_export(tmp_path / "runs") == tmp_path / "runs" / "b" / "best"
+    assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "b" / "best")
+    assert choose_model("given", tmp_path / "runs") == ("given", "given by --model")
 
 
 def test_stream_never_prints_half_a_character():
@@ -183,13 +185,6 @@ def test_stream_never_prints_half_a_character():
     assert out.getvalue() == "A: Roket 🚀 terbang\n"
 
 
-def run_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """generate.py started from another folder, as a user would from their project."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **env}
-    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, encoding="utf-8", timeout=120)
-
-
 def test_without_model_the_newest_export_under_runs_is_loaded(model_folder, tmp_path):
     import shutil
 
@@ -199,7 +194,7 @@ def test_without_model_the_newest_export_under_runs_is_loaded(model_folder, tmp_
     args = ["Budi suka", "--max-new-tokens", "3", "--precision", "fp32", "--format", "jsonl"]
     for newest in ("b/best", "a/final"):  # neither "best first" nor "last by name" picks both
         os.utime(tmp_path / "runs" / newest / "config.json", (2_000_000 if newest == "a/final" else 1_500_000,) * 2)
-        result = run_in(tmp_path, *args)
+        result = run(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         first = result.stderr.splitlines()[0]
         assert first == f"model: {Path('runs') / newest}: the newest export under runs/", result.stderr
@@ -207,11 +202,9 @@ def test_without_model_the_newest_export_under_runs_is_loaded(model_folder, tmp_
 
 
 def test_without_model_or_runs_the_published_model_is_named(tmp_path):
-    from gpt2kids.text_generation import HUB_DEFAULT
-
     assert HUB_DEFAULT == "bookbot/gpt2-indo-small-kids-stories"
     # An empty hub cache, offline: the fallback must be asked for by name, and fail in one line.
-    result = run_in(tmp_path, "Halo", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    result = run("Halo", cwd=tmp_path, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and HUB_DEFAULT in lines[0], result.stderr
@@ -251,24 +244,20 @@ def test_prompts_from_a_text_file_and_standard_input_add_to_the_arguments(model_
     common = ["--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "2"]
     records = jsonl(run("Nol", *common, "--prompts-file", str(tmp_path / "prompts.txt")))
     assert [record["prompt"] for record in records] == ["Nol", "Satu", "Dua"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    piped = subprocess.run([sys.executable, "generate.py", *common, "--prompts-file", "-"], cwd=REPO, env=env,
-                           input="Tiga\nEmpat\n", capture_output=True, text=True, timeout=120)
+    piped = run(*common, "--prompts-file", "-", stdin="Tiga\nEmpat\n")
     assert [record["prompt"] for record in jsonl(piped)] == ["Tiga", "Empat"]
 
 
 def test_interactive_continues_each_line_with_the_model_loaded_once(model_folder):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    result = subprocess.run([sys.executable, "generate.py", "--interactive", "--model", str(model_folder),
-                             "--format", "jsonl", "--max-new-tokens", "3", "--greedy"], cwd=REPO, env=env,
-                            input="Satu\nDua\n\nTiga\n", capture_output=True, text=True, timeout=120)
+    result = run("--interactive", "--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "3",
+                 "--greedy", stdin="Satu\nDua\n\nTiga\n")
     records = jsonl(result)
     assert [record["prompt"] for record in records] == ["Satu", "Dua"]  # the empty line ended it
     assert result.stderr.count("model: ") == 1
 
 
 def test_offline_without_a_model_the_error_names_the_offline_demo(tmp_path):
-    result = run_in(tmp_path, "Halo", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    result = run("Halo", cwd=tmp_path, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
     assert result.returncode == 2
     assert "python train.py --init scratch --model-size tiny" in result.stderr
     assert "python generate.py --model runs/demo" in result.stderr

@@ -128,12 +128,17 @@ def test_hub_errors_become_one_line(tmp_path, hub, error, expected):
 
 # --- the command line ---------------------------------------------------------------------------
 
-def push_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+def without_a_token(home: Path, **env: str) -> dict[str, str]:
+    """This environment with no Hugging Face token in it, HF_HOME at `home`, and `env`."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
-    environment.update({"PYTHONPATH": str(REPO), "HF_HOME": env.pop("HF_HOME"), **env})
-    return subprocess.run([sys.executable, "-m", "gpt2kids.push", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=120)
+    return {**environment, "HF_HOME": str(home), **env}
+
+
+def push_cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt2kids.push", *args], cwd=REPO,
+                          env=without_a_token(home, PYTHONPATH=str(REPO), **env), capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -154,10 +159,10 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
         fake_export(run / "best", skip=("model.safetensors", "README.md") if case == "incomplete" else ())
     before = snapshot(tmp_path)
     path = str(tmp_path / "nowhere") if case == "missing" else str(run)
-    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if case == "offline" else "0"}
+    env = {"HF_HUB_OFFLINE": "1" if case == "offline" else "0"}
     if case == "offline":
         env["HF_TOKEN"] = "hf_test_token_not_real"
-    result = push_cli(path, "me/--bad" if case == "bad repo id" else "me/kids", **env)
+    result = push_cli(path, "me/--bad" if case == "bad repo id" else "me/kids", home=home, **env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -168,13 +173,10 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
 def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path, init_folder, corpus):
     home = tmp_path / "hf-home"
     home.mkdir()
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
-    environment.update({"HF_HOME": str(home), "HF_HUB_OFFLINE": "0"})
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "train.py", "--data", str(corpus), "--init", str(init_folder),
                              "--out", str(out), "--device", "cpu", "--push-to-hub", "me/kids"], cwd=REPO,
-                            env=environment, capture_output=True, text=True, timeout=120)
+                            env=without_a_token(home, HF_HUB_OFFLINE="0"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no Hugging Face token" in lines[0], result.stderr

@@ -44,18 +44,20 @@ MAX_NEW = 200  # with the model below, long enough to watch the page grow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
+def missing(message: str) -> None:
+    """Skip the test, or fail it in CI (which installs everything)."""
+    pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
 def need(module: str) -> None:
-    """Skip (fail in CI) when `module` is not installed."""
     if importlib.util.find_spec(module) is None:
-        message = f'{module} is not installed: pip install -e ".[demo,dev]"'
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        missing(f'{module} is not installed: pip install -e ".[demo,dev]"')
 
 
 def need_chromium() -> None:
     need("playwright")
     if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing: apt-get install -y chromium"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        missing(f"{CHROMIUM} is missing: apt-get install -y chromium")
 
 
 def run_generate(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -306,7 +308,7 @@ def test_stream_grows_and_never_shows_half_a_character(monkeypatch, byte_tokeniz
         on_tokens([None])
         return [ids]
 
-    monkeypatch.setattr("gpt2kids.serve.generate", fake_generate)
+    monkeypatch.setattr("gpt2kids.text_generation.generate", fake_generate)
     shown = list(stream_story(small_model, byte_tokenizer, "Archie:", SamplingSettings(greedy=True)))
     assert shown[-1] == "Archie:" + story
     assert all("\ufffd" not in text and shown[-1].startswith(text) for text in shown)
@@ -322,7 +324,7 @@ def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_
             on_tokens([byte_tokenizer.encode("a")[0]])
             time.sleep(0.001)
 
-    monkeypatch.setattr("gpt2kids.serve.generate", endless_generate)
+    monkeypatch.setattr("gpt2kids.text_generation.generate", endless_generate)
     stream = stream_story(small_model, byte_tokenizer, "", SamplingSettings(greedy=True))
     next(stream)
     stream.close()  # what gradio does when the page goes away
@@ -339,6 +341,15 @@ def test_real_decode_streams_the_greedy_tokens(byte_tokenizer, small_model):
     shown = list(stream_story(small_model, byte_tokenizer, "Budi", settings))
     new = generate(small_model, [byte_tokenizer.encode("Budi")], settings, byte_tokenizer.eos_id)[0]
     assert shown[-1] == "Budi" + byte_tokenizer.decode(new)
+
+
+def test_a_prompt_too_long_for_the_context_keeps_its_end_with_a_warning(byte_tokenizer, small_model):
+    warnings: list[str] = []
+    settings = SamplingSettings(max_new_tokens=4, greedy=True)
+    shown = list(stream_story(small_model, byte_tokenizer, "x" * 100, settings, warn=warnings.append))
+    assert warnings == ["prompt 1 has 100 tokens; with --max-new-tokens 4 and a context of 64 only its last 60 "
+                        "are used"]
+    assert shown[-1].startswith("x" * 100)
 
 
 @pytest.mark.parametrize("settings, seed, words", [
