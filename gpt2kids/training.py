@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch._inductor.config
+import torch.utils.deterministic
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -474,6 +475,12 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         # Random ops (dropout) drawn as eager PyTorch draws them, from the checkpointed generator:
         # inductor's own RNG would not replay exactly after --resume.
         torch._inductor.config.fallback_random = True
+        # Inductor's CPU kernels add into the embedding's gradient with atomics, in whatever order the
+        # threads arrive: two identical compiled runs would differ in the last bits. Deterministic
+        # algorithms make it lower that sum to the ordered kernel; warn_only keeps ops without a
+        # deterministic version running, and uninitialised memory is not filled (no cost).
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         model.compile()  # in place: the module (and its state dict's names) stay the same
     forward: nn.Module = model
     if dist.enabled:

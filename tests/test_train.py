@@ -212,19 +212,21 @@ def test_compiled_training_gives_the_steps_of_eager_and_resumes_exactly(tmp_path
     initial = {key: value.clone() for key, value in load_model(init_folder)[0].untied_state_dict().items()}
 
     # Dropout on: a compiled run stopped and resumed (each in a fresh compiler state, as in a new
-    # process) retraces the run never stopped. Not bit for bit: the compiled kernels round in their
-    # own order, so a weight's movement agrees to fp32 rounding amplified over 4 AdamW steps.
+    # process) retraces the run never stopped, bit for bit (dropout draws from the checkpointed
+    # generator; deterministic algorithms order the embedding's gradient sum).
     dropout = dict(compile=True, dropout=0.1, eval_every=3)
-    movements = []
-    for name, runs in (("straight", [dict(max_steps=4)]), ("stopped", [dict(max_steps=2), dict(max_steps=4,
-                                                                                                resume=True)])):
-        for extra in runs:
-            torch._dynamo.reset()
-            train(config_for(init_folder, corpus, tmp_path / name, **dropout, **extra))
-        movements.append(torch.cat([(final_weights(tmp_path / name)[key] - initial[key]).flatten()
-                                    for key in sorted(initial)]))
-    assert movements[0].norm() > 0
-    assert relative_difference(movements[1], movements[0]) < 1e-3
+    try:
+        for name, runs in (("straight", [dict(max_steps=4)]),
+                           ("stopped", [dict(max_steps=2), dict(max_steps=4, resume=True)])):
+            for extra in runs:
+                torch._dynamo.reset()
+                train(config_for(init_folder, corpus, tmp_path / name, **dropout, **extra))
+    finally:  # the setting is process-wide: leave the other tests as they were
+        torch.use_deterministic_algorithms(False)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert any(not torch.equal(straight[key], initial[key]) for key in initial)  # it trained
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
 
 
 def test_fp16_with_grad_scaler_trains_and_saves_the_scaler(tmp_path, init_folder, corpus):
