@@ -31,7 +31,8 @@ from torch import nn
 
 from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
-from gpt2kids.device import DTYPES
+from gpt2kids.device import DTYPES, bf16_is_fast, check_precision
+from gpt2kids.errors import UserError
 from gpt2kids.model import GPT2
 
 FEW_ROWS = 8  # batched decoding: kernels for more than one row are timed at this many rows
@@ -328,3 +329,19 @@ def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
             linear.weight.data = linear.weight.data.contiguous()
     model.optimized_for_decoding = True  # it can only decode now: gpt2kids.hf.export refuses it
     return model
+
+
+def weights_dtype_for_inference(name: str, device: torch.device, config: GPT2Config | None = None) -> torch.dtype:
+    """Decoding holds the weights in the chosen dtype (autocast would re-cast them every step).
+
+    `auto`: on CPU the faster dtype for a decode step of `config`'s shapes, measured once and cached
+    (`decoding_dtype`); on CUDA bf16 where the GPU supports it; elsewhere fp32.
+    """
+    check_precision(name)
+    if name == "auto":
+        if device.type == "cpu":
+            return decoding_dtype(config)
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
+    return DTYPES[name]

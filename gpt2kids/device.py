@@ -6,14 +6,10 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from gpt2kids.errors import UserError
-
-if TYPE_CHECKING:
-    from gpt2kids.config import GPT2Config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,21 +82,3 @@ def choose_precision(name: str, device: torch.device) -> Precision:
     # fp16 has a narrow range: gradients are scaled up and unscaled before clipping. On CPU this is
     # slow but runs, which is how the tests cover the path.
     return Precision(name, None if name == "fp32" else DTYPES[name], needs_grad_scaler=name == "fp16")
-
-
-def weights_dtype_for_inference(name: str, device: torch.device, config: GPT2Config | None = None) -> torch.dtype:
-    """Decoding holds the weights in the chosen dtype (autocast would re-cast them every step).
-
-    `auto`: on CPU the faster dtype for a decode step of `config`'s shapes, measured once and cached
-    (`decoding_kernels.decoding_dtype`); on CUDA bf16 where the GPU supports it; elsewhere fp32.
-    """
-    check_precision(name)
-    if name == "auto":
-        if device.type == "cpu":
-            from gpt2kids.decoding_kernels import decoding_dtype  # imports the model: only when it is needed
-
-            return decoding_dtype(config)
-        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
-    return DTYPES[name]

@@ -6,16 +6,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCardData
 
 from gpt2kids.hf import HUB_ID
 from gpt2kids.loss import perplexity
 from gpt2kids.loss_chart import loss_svg
-
-if TYPE_CHECKING:
-    from gpt2kids.training import Run
 
 WIDGET_PROMPT = "Archie sedang mengendarai roket ke planet Mars."
 TAGS = ["gpt2", "text-generation", "gpt2kids", "indonesian", "children-stories"]
@@ -103,31 +100,3 @@ def card_files(facts: CardFacts) -> dict[str, str]:
     """{"README.md": the model card, "loss.svg": the loss picture it embeds}."""
     readme = f"---\n{card_data(facts).to_yaml()}\n---\n\n" + "\n".join(_body(facts))
     return {"README.md": readme, "loss.svg": loss_svg(facts.history)}
-
-
-def for_run(run: Run, which: str) -> dict[str, str]:
-    """The card files of a run's `best/` or `final/` export, at the run's current step."""
-    config, dataset, progress = run.config, run.dataset, run.progress
-    data_name = config.data or "the bundled gpt2kids Indonesian children's stories"
-    hyperparameters = {
-        "base model": run.base_model, "epochs": config.epochs, "micro-batch": config.batch_size,
-        "gradient accumulation": config.grad_accum, "GPUs/processes": run.dist.world_size,
-        "block size": dataset.train.inputs.shape[1], "learning rate": config.lr,
-        "schedule": f"{config.schedule}, {config.warmup_steps} warm-up steps",
-        "optimizer": "AdamW (betas 0.9, 0.999, eps 1e-8)", "weight decay": config.weight_decay,
-        "max grad norm": config.max_grad_norm, "precision": run.precision.name, "seed": config.seed,
-        "dropout": run.model.config.resid_pdrop,
-    }
-    description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
-                   f"{dataset.train.token_count:,} tokens), {dataset.eval_stories} held out")
-    stopped = progress.stopped_early
-    if stopped is None and which == "final" and progress.step < run.total_steps:
-        stopped = f"--max-steps {config.max_steps}"
-    facts = CardFacts(
-        title=f"gpt2kids: {run.folder.name} ({which})", base_model=run.base_model, data_description=description,
-        hyperparameters=hyperparameters, history=list(progress.history), export=which,
-        epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
-        total_steps=run.total_steps, stopped_early=stopped,
-        eval_loss=progress.best_eval_loss if which == "best" else None, model_id=config.push_to_hub,
-        **({"dataset_name": Path(config.data).name} if config.data else {}))
-    return card_files(facts)

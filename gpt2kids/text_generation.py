@@ -12,8 +12,8 @@ import torch
 from gpt2kids.config import GPT2Config
 from gpt2kids.data import jsonl_field
 from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
-from gpt2kids.decoding_kernels import optimize_for_decoding
-from gpt2kids.device import resolve_device, weights_dtype_for_inference
+from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_inference
+from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
 from gpt2kids.hf import load_model, load_tokenizer, resolve
 from gpt2kids.logits_processors import SamplingSettings

@@ -254,8 +254,36 @@ def save_checkpoint(run: Run) -> None:
 
 def save_export(run: Run, which: str) -> None:
     if run.dist.is_main:
-        export(run.model, run.tokenizer, run.folder / which, card_files=model_card.for_run(run, which))
+        export(run.model, run.tokenizer, run.folder / which, card_files=card_files_for(run, which))
     run.dist.barrier()
+
+
+def card_files_for(run: Run, which: str) -> dict[str, str]:
+    """The card files of a run's `best/` or `final/` export, at the run's current step."""
+    config, dataset, progress = run.config, run.dataset, run.progress
+    data_name = config.data or "the bundled gpt2kids Indonesian children's stories"
+    hyperparameters = {
+        "base model": run.base_model, "epochs": config.epochs, "micro-batch": config.batch_size,
+        "gradient accumulation": config.grad_accum, "GPUs/processes": run.dist.world_size,
+        "block size": dataset.train.inputs.shape[1], "learning rate": config.lr,
+        "schedule": f"{config.schedule}, {config.warmup_steps} warm-up steps",
+        "optimizer": "AdamW (betas 0.9, 0.999, eps 1e-8)", "weight decay": config.weight_decay,
+        "max grad norm": config.max_grad_norm, "precision": run.precision.name, "seed": config.seed,
+        "dropout": run.model.config.resid_pdrop,
+    }
+    description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
+                   f"{dataset.train.token_count:,} tokens), {dataset.eval_stories} held out")
+    stopped = progress.stopped_early
+    if stopped is None and which == "final" and progress.step < run.total_steps:
+        stopped = f"--max-steps {config.max_steps}"
+    facts = model_card.CardFacts(
+        title=f"gpt2kids: {run.folder.name} ({which})", base_model=run.base_model, data_description=description,
+        hyperparameters=hyperparameters, history=list(progress.history), export=which,
+        epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
+        total_steps=run.total_steps, stopped_early=stopped,
+        eval_loss=progress.best_eval_loss if which == "best" else None, model_id=config.push_to_hub,
+        **({"dataset_name": Path(config.data).name} if config.data else {}))
+    return model_card.card_files(facts)
 
 
 # --- one epoch -----------------------------------------------------------------------------------

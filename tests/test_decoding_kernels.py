@@ -23,8 +23,8 @@ from gpt2kids.decoding_kernels import (
     decoding_dtype,
     optimize_for_decoding,
     resolve,
+    weights_dtype_for_inference,
 )
-from gpt2kids.device import weights_dtype_for_inference
 from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model, to_hf_state_dict
 from gpt2kids.logits_processors import SamplingSettings

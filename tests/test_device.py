@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gpt2kids import device
-from gpt2kids.device import choose_precision, weights_dtype_for_inference
+from gpt2kids.decoding_kernels import weights_dtype_for_inference
+from gpt2kids.device import choose_precision
 
 CUDA, CPU, MPS = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
 
