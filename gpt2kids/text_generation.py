@@ -51,8 +51,8 @@ def read_prompts_file(path: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def check_prompt_text(prompts: Sequence[str]) -> None:
-    for number, prompt in enumerate(prompts, start=1):
+def check_prompt_text(prompts: Sequence[str], first_number: int = 1) -> None:
+    for number, prompt in enumerate(prompts, start=first_number):
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
@@ -92,12 +92,15 @@ class StoryGenerator:
         return f"{weight.device} ({str(weight.dtype).removeprefix('torch.')} weights)"
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int,
-               warn: Callable[[str], None] = warn_on_stderr) -> list[list[int]]:
-        """Token ids of each prompt; warns when a prompt must lose its start to fit the context."""
-        check_prompt_text(prompts)
+               warn: Callable[[str], None] = warn_on_stderr, first_number: int = 1) -> list[list[int]]:
+        """Token ids of each prompt; warns when a prompt must lose its start to fit the context.
+
+        Messages number the prompts from `first_number` (a later batch of a prompts file goes on counting).
+        """
+        check_prompt_text(prompts, first_number)
         context = self.model.config.n_positions
         encoded = self.tokenizer.encode_batch(prompts)
-        for number, ids in enumerate(encoded, start=1):
+        for number, ids in enumerate(encoded, start=first_number):
             fitted, cut = fit_prompt(ids, context, max_new_tokens, self.tokenizer.eos_id)
             if cut:
                 warn(f"prompt {number} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} and a "
@@ -117,7 +120,7 @@ class StoryGenerator:
         produced = 0
         for start in range(0, len(prompts), PROMPTS_PER_BATCH):
             batch = prompts[start:start + PROMPTS_PER_BATCH]
-            ids = self.encode(batch, settings.max_new_tokens)
+            ids = self.encode(batch, settings.max_new_tokens, first_number=start + 1)
             rows = [prompt for prompt in batch for _ in range(settings.num_return_sequences)]
             if output_format == "jsonl":
                 completions = self.decode(ids, settings, seed)

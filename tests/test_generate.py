@@ -139,6 +139,16 @@ def test_long_prompt_keeps_its_end_with_a_warning(model_folder):
     assert "warning: prompt 1 has" in result.stderr and "last 54" in result.stderr
 
 
+def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, tmp_path):
+    # 20 prompts are decoded in two batches; the long one is the 18th of the file.
+    prompts = ["Pada suatu hari"] * 17 + ["kancil dan buaya " * 40, "Lalu", "Akhirnya"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    result = run("--model", str(model_folder), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "10", "--format", "jsonl", "--greedy")
+    assert len(jsonl(result)) == 20
+    assert "warning: prompt 18 has" in result.stderr and "warning: prompt 2 has" not in result.stderr
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--model", "{missing}"], "does not exist"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
