@@ -13,7 +13,14 @@ from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
 from gpt2kids.hf import resolve
 from gpt2kids.logits_processors import SamplingSettings
-from gpt2kids.text_generation import HUB_DEFAULT, StoryGenerator, check_prompt_text, choose_model, read_prompts_file
+from gpt2kids.text_generation import (
+    HUB_DEFAULT,
+    StoryGenerator,
+    check_prompt_text,
+    check_seed,
+    choose_model,
+    read_prompts_file,
+)
 
 EXAMPLES = """examples:
   python generate.py "Archie sedang mengendarai roket ke planet Mars."
@@ -71,6 +78,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     settings = SamplingSettings(**{field.name: getattr(args, field.name) for field in fields(SamplingSettings)})
     settings.validate()
+    check_seed(args.seed)  # before the model loads
     prompts = list(args.prompts)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)

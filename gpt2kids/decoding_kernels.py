@@ -5,10 +5,13 @@ it is bound by how fast a kernel streams weights, which depends on the CPU, torc
 builds and the thread count. So the candidates, all `x @ W.T + b` with fp32 sums, are timed on weights
 of the model's shapes and the decisions cached per machine, never chosen by a CPU's name or flags:
 - `linear` (`F.linear`, as the plain model) and `mv` (`torch.addmv`, one row) on the (out, in) weight;
-- `packed`: oneDNN's Linear on a weight reordered into its blocked format (what torch.compile calls);
+- `packed`: oneDNN's Linear on a weight reordered into its blocked format (what torch.compile calls); for
+  the tied LM head a copy beside the embedding's weight;
 - `split`: the output columns in one block per thread, one `baddbmm`; `bag` (one row): the same blocks
   through `F.embedding_bag` with per-sample weights x (x @ W.T is the x-weighted sum of W.T's rows);
 - `cols`: a matmul against a column-major copy of the tied LM head, which the embedding reads too.
+The KV cache's dtype is chosen the same way: one-query attention over bf16 keys can be several times
+slower than casting the query up and attending over fp32 keys (`AttentionShape`).
 None needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
 """
 
@@ -37,15 +40,14 @@ from gpt2kids.model import GPT2
 
 FEW_ROWS = 8  # batched decoding: kernels for more than one row are timed at this many rows
 ROUNDS = 2  # timed passes per kernel, in alternating order; the median over passes and copies is kept
-ONE_ROW_SLACK = 0.1  # a choice this much slower for one row than the fastest may still win on more rows
 BUSY_LIMIT = 0.25  # share of the CPUs used by other work above which a measurement is not cached
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # The copy of the weight each kernel reads, and the kernels that run more rows on each copy.
 COPY = {"linear": "rows", "mv": "rows", "packed": "packed", "split": "blocks", "bag": "blocks", "cols": "blocks"}
 MORE_ROWS = {"rows": ("linear",), "packed": ("packed",), "blocks": ("split", "cols")}
-# By tied or not, the kernel a weight cannot use: the embedding cannot read a packed copy; cols pays off only there.
-UNUSABLE = {True: "packed", False: "cols"}
+TIED_ONLY = "cols"  # its column-major copy pays off only where the embedding reads it too
+CACHED_KEYS = 128  # attention is timed over this many cached keys: a prompt and 100 new tokens
 
 
 class LinearShape(NamedTuple):
@@ -61,14 +63,27 @@ class LinearShape(NamedTuple):
         return f"{DTYPE_NAMES[dtype]} {self.label()}{' bias' if self.bias else ''}"
 
 
+class AttentionShape(NamedTuple):
+    """A decode step's attention; its candidates are the KV cache's dtype: the weights' own, or fp32."""
+
+    heads: int
+    head_dim: int
+
+    def label(self) -> str:
+        return f"attention {self.heads}x{self.head_dim}"
+
+    def key(self, dtype: torch.dtype) -> str:
+        return f"{DTYPE_NAMES[dtype]} {self.label()}"
+
+
 def resolve(kernel: str, tied: bool) -> tuple[str, str]:
     """(one-row kernel, kernel for more rows) of "ONE" or "ONE/MORE"; MORE only where it reads ONE's copy."""
     one, _, more = kernel.partition("/")
     if one not in COPY or (more and more not in COPY):
         raise ValueError(f"unknown decoding kernel {kernel!r}: use ONE or ONE/MORE of {', '.join(COPY)}")
-    if one == UNUSABLE[tied]:
-        one = "linear" if tied else "split"
-    if more not in MORE_ROWS[COPY[one]] or more == UNUSABLE[tied]:
+    if one == TIED_ONLY and not tied:
+        one = "split"
+    if more not in MORE_ROWS[COPY[one]] or (more == TIED_ONLY and not tied):
         more = MORE_ROWS[COPY[one]][0]
     return one, more
 
@@ -84,7 +99,7 @@ class DecodingLinear(nn.Module):
         if COPY[self.one_row] == "rows":
             weight.data = weight.data.contiguous()  # HF's Conv1D weights arrive transposed
             self.weight = weight
-        elif COPY[self.one_row] == "packed":
+        elif COPY[self.one_row] == "packed":  # a tied weight stays the embedding's too: this is a second copy
             self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.data.contiguous(), FEW_ROWS))
         else:
             self.hold_blocks(weight.detach(), embedding)
@@ -94,8 +109,9 @@ class DecodingLinear(nn.Module):
         width = -(-self.out_features // self.parts)  # the last block is padded with zeros
         padding = self.parts * width - self.out_features
         padded = F.pad(weight, (0, 0, 0, padding))  # (P * width, in)
-        if self.bias is not None:  # the bias as one more input row: `bag` adds it in its fp32 sum
+        if self.bias is not None:  # the bias as one more input row: `bag` adds it in its fp32 sum, weighted by one
             padded = torch.cat([padded, F.pad(self.bias.detach(), (0, padding))[:, None]], dim=1)
+        self.register_buffer("one", torch.ones(1, dtype=weight.dtype))
         if embedding is None:  # block after block, so that each thread streams its own
             blocks = padded.view(self.parts, width, -1).transpose(1, 2).contiguous()
             table = blocks
@@ -133,9 +149,9 @@ class DecodingLinear(nn.Module):
                 out = torch.baddbmm(self.bias_blocks, stacked, self.blocks)
             # (P, R, width) -> (R, P * width): a view for one row, a copy for more.
             return out.transpose(0, 1).reshape(rows.shape[0], -1)[:, :self.out_features]
-        vector = rows[0] if self.bias_blocks is None else F.pad(rows[0], (0, 1), value=1.0)
+        vector = [rows[0]] if self.bias_blocks is None else [rows[0], self.one]
         out = F.embedding_bag(self.indices, self.table, self.offsets, mode="sum",
-                              per_sample_weights=vector.repeat(self.parts))
+                              per_sample_weights=torch.cat(vector * self.parts))  # one op: a decode step calls it often
         return out.view(1, -1)[:, :self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +170,12 @@ def decoding_linears(model: GPT2) -> dict[tuple[nn.Module, str], LinearShape]:
             for place, linear in linears.items()}
 
 
+def decoding_shapes(model: GPT2) -> Counter[LinearShape | AttentionShape]:
+    """How many times a decode step runs each Linear shape and the attention."""
+    attention = AttentionShape(model.config.n_head, model.config.head_dim)
+    return Counter([*decoding_linears(model).values(), *[attention] * model.config.n_layer])
+
+
 def synthetic_linear(shape: LinearShape, dtype: torch.dtype, kernel: str) -> DecodingLinear:
     """A Linear of `shape` held for `kernel`, its weight a broadcast constant: no kernel's speed depends on it."""
     linear = nn.Linear(shape.in_features, shape.out_features, shape.bias, device="meta")
@@ -164,9 +186,35 @@ def synthetic_linear(shape: LinearShape, dtype: torch.dtype, kernel: str) -> Dec
     return DecodingLinear(linear, kernel, nn.Embedding(*weight.shape, _weight=weight) if shape.tied else None)
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One-query attention as the model runs it over a KV cache of another dtype (see model.py)."""
+    return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values).to(q.dtype)
+
+
 @torch.inference_mode()
-def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> dict[LinearShape, dict[str, dict]]:
+def time_attention(shape: AttentionShape, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """Median seconds of one-query attention over `CACHED_KEYS` keys held in `dtype` or in fp32, for 1 and 8 rows."""
+    timings: dict[str, dict[str, float]] = {}
+    for rows in (1, FEW_ROWS):
+        q = torch.randn(rows, shape.heads, 1, shape.head_dim).to(dtype)
+        caches = {name: torch.randn(rows, shape.heads, CACHED_KEYS, shape.head_dim).to(DTYPES[name])
+                  for name in dict.fromkeys([DTYPE_NAMES[dtype], "fp32"])}
+        samples: dict[str, list[float]] = {name: [] for name in caches}
+        for _ in range(10 * ROUNDS):  # alternating, so that a disturbance hits both
+            for name, cache in caches.items():
+                start = time.perf_counter()
+                attend(q, cache, cache)
+                samples[name].append(time.perf_counter() - start)
+        timings[str(rows)] = {name: statistics.median(values[1:]) for name, values in samples.items()}
+    return timings
+
+
+@torch.inference_mode()
+def time_candidates(shapes: Mapping[LinearShape | AttentionShape, int],
+                    dtype: torch.dtype) -> dict[LinearShape | AttentionShape, dict[str, dict]]:
     """Median seconds per call of every kernel, per shape: {"1": {kernel: s}, "8": {kernel: s}}."""
+    attention = {shape: time_attention(shape, dtype) for shape in shapes if isinstance(shape, AttentionShape)}
+    shapes = {shape: count for shape, count in shapes.items() if isinstance(shape, LinearShape)}
     inputs = {(shape.in_features, rows): torch.randn(rows, shape.in_features).to(dtype)
               for shape in shapes for rows in (1, FEW_ROWS)}
     # A pass calls as many weights as the model holds, in its order (a shape held n times at 1/n, 2/n,
@@ -177,7 +225,7 @@ def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> di
     for kind, more in MORE_ROWS.items():  # one copy of the weights at a time
         modules, runs = {}, {}  # runs: the shapes each (rows, kernel) runs on
         for shape, count in shapes.items():
-            kernels = [kernel for kernel in COPY if COPY[kernel] == kind and kernel != UNUSABLE[shape.tied]]
+            kernels = [kernel for kernel in COPY if COPY[kernel] == kind and (kernel != TIED_ONLY or shape.tied)]
             try:
                 modules[shape] = [synthetic_linear(shape, dtype, kernels[0]) for _ in range(count)]
             except (IndexError, RuntimeError):  # no kernel of this kind, or e.g. a torch without oneDNN
@@ -201,18 +249,24 @@ def time_candidates(shapes: Mapping[LinearShape, int], dtype: torch.dtype) -> di
     timings = {shape: {"1": {}, str(FEW_ROWS): {}} for shape in shapes}
     for (shape, rows, kernel), values in samples.items():
         timings[shape][str(rows)][kernel] = statistics.median(values)
-    return timings
+    return {**timings, **attention}
 
 
 def decide(timings: Mapping[str, Mapping[str, float]]) -> str:
-    """The fastest "ONE/MORE" for one row (the common case), unless one within `ONE_ROW_SLACK` is faster for more."""
+    """The "ONE/MORE" pair (kernels reading one copy) least slower than the fastest, for one row or for more.
+
+    One row (interactive) and a few (a prompts file, several sequences) both matter, and kernels
+    within noise of each other for one row can differ threefold for more: the pair whose worse ratio
+    to the fastest kernel of its row count is smallest wins, then the faster one-row kernel.
+    """
     one, few = timings["1"], timings[str(FEW_ROWS)]
-    pairs = [(a, b) for a in one for b in few if COPY[a] == COPY[b]]  # kernels that read the same copy
+    # Kernels that read the same copy; an attention candidate (a cache dtype) pairs with itself.
+    pairs = [(a, b) for a in one for b in few if COPY.get(a, a) == COPY.get(b, b)]
     if not pairs:
         return "linear/linear"  # nothing could be timed: what the plain model runs
-    fastest = min(one[a] for a, _ in pairs)
-    close = [(a, b) for a, b in pairs if one[a] <= (1 + ONE_ROW_SLACK) * fastest]
-    return "/".join(min(close, key=lambda pair: (few[pair[1]], one[pair[0]])))
+    best_one, best_few = min(one[a] for a, _ in pairs), min(few[b] for _, b in pairs)
+    return "/".join(min(pairs, key=lambda pair: (max(one[pair[0]] / best_one, few[pair[1]] / best_few),
+                                                  one[pair[0]])))
 
 
 def machine() -> dict[str, object]:
@@ -248,7 +302,10 @@ _lock = threading.Lock()
 _uncached: dict[Path, dict[str, dict]] = {}  # decisions this process measured but could not cache
 
 
-def ensure_measured(shapes: Mapping[LinearShape, int], dtypes: list[torch.dtype]) -> tuple[dict[str, dict], str]:
+Shape = LinearShape | AttentionShape
+
+
+def ensure_measured(shapes: Mapping[Shape, int], dtypes: list[torch.dtype]) -> tuple[dict[str, dict], str]:
     """Every (shape, dtype)'s entry, from the cache or measured now, and a note on where they came from."""
     with _lock:
         path, cached = cache_file(), {}
@@ -282,11 +339,14 @@ def ensure_measured(shapes: Mapping[LinearShape, int], dtypes: list[torch.dtype]
         return known, f"{note}; not cached: {reason}"
 
 
-def choose_kernels(shapes: Mapping[LinearShape, int], dtype: torch.dtype,
-                   force: str | None = None) -> dict[LinearShape, str]:
-    """ "ONE/MORE" kernels of every shape, measured or cached, or `force`d; says which on stderr."""
+def choose_kernels(shapes: Mapping[Shape, int], dtype: torch.dtype, force: str | None = None) -> dict[Shape, str]:
+    """ "ONE/MORE" kernels of every shape, measured or cached, or `force`d; says which on stderr.
+
+    A forced kernel is every Linear's; the KV cache then keeps the weights' dtype, as the plain model.
+    """
     if force is not None:
-        chosen = {shape: "/".join(resolve(force, shape.tied)) for shape in shapes}
+        chosen = {shape: "/".join(resolve(force, shape.tied)) if isinstance(shape, LinearShape)
+                  else f"{DTYPE_NAMES[dtype]}/{DTYPE_NAMES[dtype]}" for shape in shapes}
         note = "forced"
     else:
         known, note = ensure_measured(shapes, [dtype])
@@ -298,32 +358,37 @@ def choose_kernels(shapes: Mapping[LinearShape, int], dtype: torch.dtype,
 
 
 def decoding_dtype(config: GPT2Config | None = None) -> torch.dtype:
-    """bf16 if a batch-1 decode step's products (`config`'s shapes, GPT-2 Small's by default) run faster than fp32."""
+    """bf16 if a batch-1 decode step's products and attention (`config`'s shapes, GPT-2 Small's by default) run
+    faster than in fp32."""
     with torch.device("meta"):
-        shapes = Counter(decoding_linears(GPT2(config if config is not None else GPT2Config())).values())
+        shapes = decoding_shapes(GPT2(config if config is not None else GPT2Config()))
     known, note = ensure_measured(shapes, [torch.float32, torch.bfloat16])
     step = {}
     for dtype in (torch.float32, torch.bfloat16):
         entries = [(count, known[shape.key(dtype)]) for shape, count in shapes.items()]
         step[dtype] = sum(count * entry["seconds"]["1"][entry["kernels"].split("/")[0]] for count, entry in entries)
     chosen = torch.bfloat16 if step[torch.bfloat16] < step[torch.float32] else torch.float32
-    print(f"decoding dtype for this machine ({note}): {DTYPE_NAMES[chosen]}; a step's products take "
+    print(f"decoding dtype for this machine ({note}): {DTYPE_NAMES[chosen]}; a step's products and attention take "
           f"{1e3 * step[torch.bfloat16]:.1f} ms in bf16, {1e3 * step[torch.float32]:.1f} ms in fp32", file=sys.stderr)
     return chosen
 
 
 def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
-    """Hold a built model's Linears as this machine decodes fastest (`kernel`: forced); returns it in eval mode."""
+    """Hold a built model's Linears and choose its KV cache's dtype (`model.kv_cache_dtype`) as this machine
+    decodes fastest (`kernel`: forced); returns it in eval mode."""
     if getattr(model, "optimized_for_decoding", False):
         return model
     model.eval()  # decoding only: no dropout
     embedding = model.transformer.wte
     shapes = decoding_linears(model)
+    model.kv_cache_dtype = embedding.weight.dtype
     if embedding.weight.device.type == "cpu":
-        chosen = choose_kernels(Counter(shapes.values()), embedding.weight.dtype, force=kernel)
+        chosen = choose_kernels(decoding_shapes(model), embedding.weight.dtype, force=kernel)
         for (parent, name), shape in shapes.items():
             module = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
             setattr(parent, name, module)
+        attention = AttentionShape(model.config.n_head, model.config.head_dim)
+        model.kv_cache_dtype = DTYPES[chosen[attention].split("/")[0]]
     else:  # a GPU's kernels read row-major weights fastest
         for linear in (getattr(parent, name) for parent, name in shapes):
             linear.weight.data = linear.weight.data.contiguous()

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt2kids.atomic_files import atomic_write_text, replace_folder
+from gpt2kids.atomic_files import replace_folder
 from gpt2kids.config import GPT2Config
 from gpt2kids.errors import UserError
 from gpt2kids.model import GPT2, TIED_WEIGHT
@@ -305,14 +305,14 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
         config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
         pad_id = tokenizer.token_id("pad_token")
 
-    def fill(folder: Path) -> None:
+    def fill(folder: Path) -> None:  # a fresh folder, synced and swapped in whole by replace_folder
         save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
-        atomic_write_text(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        atomic_write_text(folder / "generation_config.json",
-                          json.dumps(generation_config(config, pad_id), indent=2) + "\n")
+        texts = {"config.json": json.dumps(config.to_hf_dict(), indent=2) + "\n",
+                 "generation_config.json": json.dumps(generation_config(config, pad_id), indent=2) + "\n",
+                 **(card_files or {})}
+        for name, text in texts.items():
+            (folder / name).write_text(text, encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(folder, model_max_length=config.n_positions)
-        for name, text in (card_files or {}).items():
-            atomic_write_text(folder / name, text)
 
     replace_folder(out_dir, fill)

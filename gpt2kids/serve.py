@@ -23,7 +23,7 @@ from gpt2kids.errors import UserError
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.model_card import WIDGET_PROMPT  # the published card's widget prompt
-from gpt2kids.text_generation import StoryGenerator, warn_on_stderr
+from gpt2kids.text_generation import StoryGenerator, check_seed, warn_on_stderr
 from gpt2kids.text_output import whole_characters
 from gpt2kids.tokenizer import Tokenizer
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 API_NAME = "generate"  # the endpoint: POST /gradio_api/call/generate, or gradio_client's api_name="/generate"
 MISSING_GRADIO = '--serve needs gradio: pip install -e ".[demo]"'
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (and negative ones, which we refuse)
 _DECODE_LOCK = threading.Lock()  # one decode at a time in this process, whatever the queue's settings
 _DONE = object()
 
@@ -67,8 +66,7 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     """
     settings = replace(settings, num_return_sequences=1)
     settings.validate()
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
+    check_seed(seed)  # here, before the worker thread starts
     story = StoryGenerator(model, tokenizer)
     ids = story.encode([prompt], settings.max_new_tokens, warn)
     updates: queue.Queue[object] = queue.Queue()

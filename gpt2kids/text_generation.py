@@ -23,6 +23,12 @@ from gpt2kids.tokenizer import Tokenizer
 
 HUB_DEFAULT = "bookbot/gpt2-indo-small-kids-stories"
 PROMPTS_PER_BATCH = 16  # prompts decoded together from --prompts-file: one forward serves them all
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (it wraps negative ones: refused)
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
 
 
 def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]:
@@ -110,6 +116,7 @@ class StoryGenerator:
     def decode(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None = None,
                on_tokens: StepCallback | None = None) -> list[list[int]]:
         """New token ids for each prompt (`settings.num_return_sequences` each, in order)."""
+        check_seed(seed)
         device = self.model.transformer.wte.weight.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         return generate(self.model, prompts, settings, self.tokenizer.eos_id, generator, on_tokens)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections import Counter
 
 import pytest
 import torch
@@ -35,7 +34,8 @@ EOS = VOCAB - 1  # conftest's hf_model puts end-of-text last
 TINY = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4)
 KERNELS = ["linear", "mv", "split", "bag", "packed"]
 # For the tied head every one-row kernel of the padded column-major copy meets each kernel for more rows.
-TIED_KERNELS = ["linear", "mv", *[f"{one}/{more}" for one in ("cols", "split", "bag") for more in ("cols", "split")]]
+TIED_KERNELS = ["linear", "mv", "packed",
+                *[f"{one}/{more}" for one in ("cols", "split", "bag") for more in ("cols", "split")]]
 
 
 @contextlib.contextmanager
@@ -104,7 +104,7 @@ def test_every_kernel_computes_the_linear(kernel, blocks, bias, out_features, ro
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3], ids=["one-row", "few-rows"])
 @pytest.mark.parametrize("kernel", TIED_KERNELS)
-def test_every_kernel_computes_the_tied_head_and_keeps_one_copy(kernel, rows, dtype):
+def test_every_kernel_computes_the_tied_head_and_the_embedding_still_reads_its_values(kernel, rows, dtype):
     torch.manual_seed(0)
     embedding = nn.Embedding(VOCAB, 24).to(dtype)
     head = nn.Linear(24, VOCAB, bias=False).to(dtype)
@@ -115,6 +115,8 @@ def test_every_kernel_computes_the_tied_head_and_keeps_one_copy(kernel, rows, dt
     check_linear(module, torch.randn(rows, 1, 24).to(dtype), weight, None)
     if module.one_row in ("linear", "mv"):
         assert module.weight is embedding.weight  # no copy at all
+    elif module.one_row == "packed":  # the embedding keeps its row-major weight; the head has its own copy
+        assert torch.equal(embedding.weight, weight) and embedding.weight.is_contiguous()
     else:
         # The embedding reads the head's (padded, column-major) copy: one storage, the same values.
         assert embedding.weight.untyped_storage().data_ptr() == module.cols.untyped_storage().data_ptr()
@@ -130,26 +132,28 @@ def test_unknown_kernels_are_refused():
 
 
 def test_a_forced_kernel_falls_back_where_it_cannot_read_the_weight():
-    assert resolve("packed", tied=True) == ("linear", "linear")  # the embedding cannot read a packed copy
+    assert resolve("packed", tied=True) == ("packed", "packed")  # a copy of its own beside the embedding's
     assert resolve("cols", tied=False) == ("split", "split")  # column-major: the tied head only
     assert resolve("bag/cols", tied=True) == ("bag", "cols")
     assert resolve("bag/cols", tied=False) == ("bag", "split")
     assert resolve("linear/mv", tied=False) == ("linear", "linear")  # mv runs one row only
 
 
-def test_decide_puts_one_row_first_and_breaks_near_ties_on_more_rows():
-    # bag has the fastest one-row kernel, however slow split, the kernel for more rows on its copy.
+def test_decide_keeps_the_pair_least_slower_than_the_fastest_for_one_row_or_more():
+    # bag is the fastest for one row, but split, the kernel for more rows on its copy, is 3x the fastest:
+    # mv/linear is at most 2x slower either way.
     timings = {"1": {"linear": 3.0, "mv": 2.0, "packed": 4.0, "split": 5.0, "bag": 1.0},
                str(FEW_ROWS): {"linear": 3.0, "packed": 6.0, "split": 9.0}}
-    assert decide(timings) == "bag/split"
-    # Within 10% for one row, the choice that runs more rows faster is kept.
-    timings["1"]["mv"] = 1.05
     assert decide(timings) == "mv/linear"
-    timings["1"]["mv"] = 1.2
+    # Within noise for one row and threefold apart for more rows: the copy that runs both well.
+    timings["1"]["packed"], timings[str(FEW_ROWS)]["packed"] = 1.5, 3.0
+    assert decide(timings) == "packed/packed"
+    # Equally far from the fastest: the faster one-row kernel breaks the tie.
+    timings[str(FEW_ROWS)]["split"] = 4.5
     assert decide(timings) == "bag/split"
     # A kernel that could not run is missing from the timings: its copy is judged without it.
     del timings["1"]["bag"]
-    assert decide(timings) == "mv/linear"
+    assert decide(timings) == "packed/packed"
     # The tied head: cols and split read the same column-major copy, and pair either way.
     tied = {"1": {"linear": 2.0, "cols": 1.05, "split": 1.0, "bag": 1.2},
             str(FEW_ROWS): {"linear": 3.0, "cols": 2.0, "split": 2.5}}
@@ -175,14 +179,14 @@ def counted(monkeypatch, tmp_path):
     return calls
 
 
-def tiny_shapes() -> dict[LinearShape, int]:
+def tiny_shapes() -> dict[decoding.Shape, int]:
     with torch.device("meta"):
-        return Counter(decoding.decoding_linears(GPT2(GPT2Config(**TINY))).values())
+        return decoding.decoding_shapes(GPT2(GPT2Config(**TINY)))
 
 
 def test_the_choice_is_measured_once_then_read_from_the_cache(counted, tmp_path, capfd):
     shapes = tiny_shapes()
-    assert len(shapes) == 5  # c_attn, attn.c_proj, c_fc, mlp.c_proj, the tied head
+    assert len(shapes) == 6  # c_attn, attn.c_proj, c_fc, mlp.c_proj, the tied head, the attention
     first = choose_kernels(shapes, torch.float32)
     assert len(counted) == len(shapes)
     line = capfd.readouterr().err
@@ -194,7 +198,7 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(counted, tmp_path,
     assert stored["machine"] == decoding.machine()
     assert set(stored["shapes"]) == {shape.key(torch.float32) for shape in shapes}
     entry = stored["shapes"][LinearShape(VOCAB, 48, False, True).key(torch.float32)]
-    assert set(entry["seconds"]["1"]) == {"linear", "mv", "cols", "split", "bag"}  # no packed copy of a tied weight
+    assert set(entry["seconds"]["1"]) == {"linear", "mv", "packed", "cols", "split", "bag"}
     assert choose_kernels(shapes, torch.float32) == first
     assert len(counted) == len(shapes)  # no second measurement
     assert capfd.readouterr().err.startswith(f"decoding kernels for this machine (cached in {files[0]}): fp32")
@@ -266,8 +270,8 @@ def test_precision_auto_on_cpu_picks_the_dtype_that_decodes_faster(counted, capf
     assert decoding_dtype(config) == expected
     line = capfd.readouterr().err
     assert line.startswith("decoding dtype for this machine (cached in ")
-    # 9 Linears a step (4 per layer, the head) at the cached time per call.
-    assert f"{1e3 * 9 * bf16:.1f} ms in bf16, {1e3 * 9 * fp32:.1f} ms in fp32" in line
+    # 11 calls a step (4 Linears and the attention per layer, the head) at the cached time per call.
+    assert f"{1e3 * 11 * bf16:.1f} ms in bf16, {1e3 * 11 * fp32:.1f} ms in fp32" in line
     assert weights_dtype_for_inference("auto", torch.device("cpu"), config) == expected
     assert not counted  # from the cache only
     assert weights_dtype_for_inference("fp32", torch.device("cpu"), config) == torch.float32
@@ -285,7 +289,7 @@ def tiny_pair(dtype: torch.dtype, kernel: str | None, seed: int = 1) -> tuple[GP
         return plain, optimize_for_decoding(optimized, kernel)
 
 
-@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS, "packed"])
+@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS])
 def test_optimized_model_gives_the_plain_greedy_tokens_in_fp32(counted, kernel):
     plain, optimized = tiny_pair(torch.float32, kernel)
     settings = SamplingSettings(max_new_tokens=20, greedy=True)
@@ -301,12 +305,13 @@ def test_optimized_model_gives_the_plain_greedy_tokens_in_fp32(counted, kernel):
 def step_logits(model: GPT2, ids: torch.Tensor) -> torch.Tensor:
     """Logits of one decode step (one token per row) after a prefill of the rest: what generate runs."""
     with torch.inference_mode():
-        cache = KVCache(model.config, ids.shape[0], ids.shape[1], "cpu", model.transformer.wte.weight.dtype)
+        dtype = getattr(model, "kv_cache_dtype", model.transformer.wte.weight.dtype)
+        cache = KVCache(model.config, ids.shape[0], ids.shape[1], "cpu", dtype)
         model(ids[:, :-1], kv_cache=cache)
         return model(ids[:, -1:], kv_cache=cache).float()
 
 
-@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS, "packed"])
+@pytest.mark.parametrize("kernel", [None, *TIED_KERNELS])
 @pytest.mark.parametrize("batch", [1, 3], ids=["single-prompt", "batch"])
 def test_optimized_bf16_logits_stay_within_bf16_rounding(counted, kernel, batch):
     plain, optimized = tiny_pair(torch.bfloat16, kernel)
@@ -321,6 +326,38 @@ def test_optimized_bf16_logits_stay_within_bf16_rounding(counted, kernel, batch)
     # order), while a wrong product would be off by the logits' own size.
     assert plain_error > 0
     assert optimized_error <= 2 * plain_error, (optimized_error, plain_error)
+
+
+def test_attention_over_an_fp32_kv_cache_keeps_bf16_logits_within_bf16_rounding():
+    plain, _ = tiny_pair(torch.bfloat16, "linear")
+    exact = GPT2(GPT2Config(**TINY)).eval()
+    exact.load_state_dict({key: value.float() for key, value in plain.state_dict().items()})
+    ids = torch.randint(0, VOCAB, (3, 6))
+    reference = step_logits(exact, ids)
+    plain_error = (step_logits(plain, ids) - reference).abs().max()
+    plain.kv_cache_dtype = torch.float32  # the model casts each query up and the attention's output back
+    wide_error = (step_logits(plain, ids) - reference).abs().max()
+    assert 0 < wide_error <= 2 * plain_error, (wide_error, plain_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_kv_cache_dtype_is_measured_with_the_kernels_and_a_forced_kernel_keeps_the_weights_dtype(
+        counted, capfd, dtype):
+    attention = decoding.AttentionShape(TINY["n_head"], TINY["n_embd"] // TINY["n_head"])
+    timings = decoding.time_attention(attention, dtype)
+    candidates = {"fp32"} if dtype == torch.float32 else {"bf16", "fp32"}  # fp32 weights: one candidate
+    assert all(set(seconds) == candidates and min(seconds.values()) > 0 for seconds in timings.values())
+    for faster in candidates:  # a cache in which `faster` attends in half the time of the other
+        entry = {rows: {name: 1.0 if name == faster else 2.0 for name in candidates} for rows in ("1", str(FEW_ROWS))}
+        path = decoding.cache_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"version": decoding.CACHE_VERSION, "machine": decoding.machine(), "shapes": {
+            attention.key(dtype): {"kernels": decide(entry), "seconds": entry}}}))
+        _, model = tiny_pair(dtype, None)
+        assert model.kv_cache_dtype == decoding.DTYPES[faster]
+        assert f"{faster}/{faster} for attention 4x12" in capfd.readouterr().err
+    _, forced = tiny_pair(dtype, "packed")
+    assert forced.kv_cache_dtype == dtype
 
 
 def test_the_hf_folder_loads_and_decodes_like_the_plain_model(counted, hf_checkpoint):
