@@ -39,7 +39,7 @@ from gpt2kids.errors import UserError
 from gpt2kids.model import GPT2
 
 FEW_ROWS = 8  # batched decoding: kernels for more than one row are timed at this many rows
-ROUNDS = 2  # timed passes per kernel, in alternating order; the median over passes and copies is kept
+ROUNDS = 4  # timed passes per kernel, in alternating order; the median over passes and copies is kept
 BUSY_LIMIT = 0.25  # share of the CPUs used by other work above which a measurement is not cached
 CACHE_VERSION = 4
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -222,21 +222,25 @@ def time_candidates(shapes: Mapping[LinearShape | AttentionShape, int],
     calls = sorted(((shape, copy) for shape, count in shapes.items() for copy in range(count)),
                    key=lambda call: (call[1] + 1) / shapes[call[0]])
     samples: dict[tuple[LinearShape, int, str], list[float]] = {}
-    for kind, more in MORE_ROWS.items():  # one copy of the weights at a time
-        modules, runs = {}, {}  # runs: the shapes each (rows, kernel) runs on
-        for shape, count in shapes.items():
-            kernels = [kernel for kernel in COPY if COPY[kernel] == kind and (kernel != TIED_ONLY or shape.tied)]
-            try:
-                modules[shape] = [synthetic_linear(shape, dtype, kernels[0]) for _ in range(count)]
-            except (IndexError, RuntimeError):  # no kernel of this kind, or e.g. a torch without oneDNN
-                continue
-            tasks = [(1, kernel) for kernel in kernels] + [(FEW_ROWS, kernel) for kernel in kernels if kernel in more]
-            for rows, kernel in tasks:
-                with contextlib.suppress(RuntimeError):  # untimed: the kernel's set-up; one that fails is left out
-                    modules[shape][0].compute(inputs[shape.in_features, rows], kernel)
-                    runs.setdefault((rows, kernel), []).append(shape)
-        for round_index in range(ROUNDS):
-            for (rows, kernel), runnable in list(runs.items())[::1 if round_index % 2 == 0 else -1]:
+    # One copy of the weights at a time (memory), each held again in every round, the copies' order
+    # reversed each time: kernels of different copies are compared over the same stretch of time.
+    for round_index in range(ROUNDS):
+        order = 1 if round_index % 2 == 0 else -1
+        for kind, more in list(MORE_ROWS.items())[::order]:
+            modules, runs = {}, {}  # runs: the shapes each (rows, kernel) runs on
+            for shape, count in shapes.items():
+                kernels = [kernel for kernel in COPY if COPY[kernel] == kind and (kernel != TIED_ONLY or shape.tied)]
+                try:
+                    modules[shape] = [synthetic_linear(shape, dtype, kernels[0]) for _ in range(count)]
+                except (IndexError, RuntimeError):  # no kernel of this kind, or e.g. a torch without oneDNN
+                    continue
+                tasks = [(1, kernel) for kernel in kernels]
+                tasks += [(FEW_ROWS, kernel) for kernel in kernels if kernel in more]
+                for rows, kernel in tasks:
+                    with contextlib.suppress(RuntimeError):  # untimed: the kernel's set-up; one that fails is left out
+                        modules[shape][0].compute(inputs[shape.in_features, rows], kernel)
+                        runs.setdefault((rows, kernel), []).append(shape)
+            for (rows, kernel), runnable in list(runs.items())[::order]:
                 for shape, copy in calls:
                     # Each round times every other copy of a shape held more than once (the others in
                     # the next round): half the calls, and still the model's traffic in between.
