@@ -145,7 +145,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(path)
+        # Copied out of the file's memory map: a tensor adopted straight from it keeps the whole map,
+        # and every page read from it (the transposed weights' too), resident as long as the model lives.
+        return {name: tensor.clone() for name, tensor in load_file(path).items()}
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{path} is damaged or truncated ({error}); re-download or re-export it") from None
 
