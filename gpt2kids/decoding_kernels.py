@@ -76,6 +76,9 @@ class AttentionShape(NamedTuple):
         return f"{DTYPE_NAMES[dtype]} {self.label()}"
 
 
+Shape = LinearShape | AttentionShape
+
+
 def resolve(kernel: str, tied: bool) -> tuple[str, str]:
     """(one-row kernel, kernel for more rows) of "ONE" or "ONE/MORE"; MORE only where it reads ONE's copy."""
     one, _, more = kernel.partition("/")
@@ -170,7 +173,7 @@ def decoding_linears(model: GPT2) -> dict[tuple[nn.Module, str], LinearShape]:
             for place, linear in linears.items()}
 
 
-def decoding_shapes(model: GPT2) -> Counter[LinearShape | AttentionShape]:
+def decoding_shapes(model: GPT2) -> Counter[Shape]:
     """How many times a decode step runs each Linear shape and the attention."""
     attention = AttentionShape(model.config.n_head, model.config.head_dim)
     return Counter([*decoding_linears(model).values(), *[attention] * model.config.n_layer])
@@ -210,8 +213,7 @@ def time_attention(shape: AttentionShape, dtype: torch.dtype) -> dict[str, dict[
 
 
 @torch.inference_mode()
-def time_candidates(shapes: Mapping[LinearShape | AttentionShape, int],
-                    dtype: torch.dtype) -> dict[LinearShape | AttentionShape, dict[str, dict]]:
+def time_candidates(shapes: Mapping[Shape, int], dtype: torch.dtype) -> dict[Shape, dict[str, dict]]:
     """Median seconds per call of every kernel, per shape: {"1": {kernel: s}, "8": {kernel: s}}."""
     attention = {shape: time_attention(shape, dtype) for shape in shapes if isinstance(shape, AttentionShape)}
     shapes = {shape: count for shape, count in shapes.items() if isinstance(shape, LinearShape)}
@@ -304,9 +306,6 @@ def foreign_share(run: Callable[[], dict]) -> tuple[dict, float]:
 
 _lock = threading.Lock()
 _uncached: dict[Path, dict[str, dict]] = {}  # decisions this process measured but could not cache
-
-
-Shape = LinearShape | AttentionShape
 
 
 def ensure_measured(shapes: Mapping[Shape, int], dtypes: list[torch.dtype]) -> tuple[dict[str, dict], str]:
