@@ -45,6 +45,9 @@ while (($#)); do
 done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ $PYTHON == */* ]]; then  # the steps run in the work folder: a relative path would no longer point at it
+    PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")
+fi
 WORK=${WORK:-$(mktemp -d /tmp/gpt2kids-cuda-check.XXXXXX)}
 mkdir -p "$WORK/logs"
 WORK=$(cd "$WORK" && pwd)
