@@ -70,7 +70,7 @@ class AttentionShape(NamedTuple):
     head_dim: int
 
     def label(self) -> str:
-        return f"attention {self.heads}x{self.head_dim}"
+        return f"the KV cache of attention {self.heads}x{self.head_dim}"
 
     def key(self, dtype: torch.dtype) -> str:
         return f"{DTYPE_NAMES[dtype]} {self.label()}"

@@ -355,7 +355,7 @@ def test_the_kv_cache_dtype_is_measured_with_the_kernels_and_a_forced_kernel_kee
             attention.key(dtype): {"kernels": decide(entry), "seconds": entry}}}))
         _, model = tiny_pair(dtype, None)
         assert model.kv_cache_dtype == decoding.DTYPES[faster]
-        assert f"{faster}/{faster} for attention 4x12" in capfd.readouterr().err
+        assert f"{faster}/{faster} for the KV cache of attention 4x12" in capfd.readouterr().err
     _, forced = tiny_pair(dtype, "packed")
     assert forced.kv_cache_dtype == dtype
 
