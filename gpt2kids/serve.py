@@ -23,7 +23,7 @@ from gpt2kids.errors import UserError
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.model_card import WIDGET_PROMPT  # the published card's widget prompt
-from gpt2kids.text_generation import StoryGenerator, check_seed, warn_on_stderr
+from gpt2kids.text_generation import StoryGenerator, warn_on_stderr
 from gpt2kids.text_output import whole_characters
 from gpt2kids.tokenizer import Tokenizer
 
@@ -66,7 +66,6 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     """
     settings = replace(settings, num_return_sequences=1)
     settings.validate()
-    check_seed(seed)  # here, before the worker thread starts
     story = StoryGenerator(model, tokenizer)
     ids = story.encode([prompt], settings.max_new_tokens, warn)
     updates: queue.Queue[object] = queue.Queue()

@@ -306,6 +306,7 @@ def train_epoch(run: Run) -> bool:
     order = data.epoch_order(len(run.dataset.train), config.seed, progress.epoch)
     started = time.perf_counter()
     description = f"epoch {progress.epoch + 1}/{config.epochs}"
+    stop = at_limit = False
     with run.reporter.progress_bar(description, plan.steps_per_epoch, progress.step_in_epoch) as bar:
         while progress.step_in_epoch < plan.steps_per_epoch:
             step_started = time.perf_counter()
