@@ -104,6 +104,11 @@ class Run:
     def total_steps(self) -> int:
         return self.plan.steps_per_epoch * self.config.epochs
 
+    @property
+    def is_over(self) -> bool:
+        """The run has done its epochs, or --early-stopping ended it."""
+        return self.progress.epoch == self.config.epochs or self.progress.stopped_early is not None
+
 
 # --- one optimizer step --------------------------------------------------------------------------
 
@@ -335,7 +340,7 @@ def train_epoch(run: Run) -> bool:
                 break
     if progress.step_in_epoch == plan.steps_per_epoch:
         finish_epoch(run, time.perf_counter() - started)
-    if stop:
+    if stop and not progress.finished:  # a signal in the run's last step: the run has ended anyway
         received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
         raise Stopped(f"stopped by {received.name} at step {progress.step}; a checkpoint is saved; "
                       f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
@@ -359,8 +364,17 @@ def finish_epoch(run: Run, seconds: float) -> None:
     if patience and progress.evaluations_without_improvement >= patience:
         progress.stopped_early = (f"{progress.evaluations_without_improvement} evaluations in a row brought no eval "
                                   f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
+    if run.is_over:
+        finish_run(run)  # final/ now, so that this checkpoint is the run's last
     # The exports come first: a kill between them and this checkpoint replays the epoch's tail.
     save_checkpoint(run)
+
+
+def finish_run(run: Run) -> None:
+    """Export final/ (after --max-steps too: a smoke run still leaves a usable model); a run that is over
+    is marked finished, which its next checkpoint records."""
+    run.progress.finished = run.is_over
+    save_export(run, "final")
 
 
 @contextlib.contextmanager
@@ -405,10 +419,10 @@ def run_epochs(run: Run) -> Progress:
             while progress.epoch < run.config.epochs and progress.stopped_early is None:
                 if train_epoch(run):  # --max-steps
                     break
-        progress.finished = progress.epoch == run.config.epochs or progress.stopped_early is not None
-        save_export(run, "final")  # after --max-steps too: a smoke run still leaves a usable model
-        if progress.finished:
-            save_checkpoint(run)
+        if not progress.finished:  # --max-steps, or a checkpoint taken after the last epoch but before final/
+            finish_run(run)
+            if progress.finished:
+                save_checkpoint(run)
     finally:
         run.reporter.close()
     if progress.stopped_early:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,41 @@ def test_stop_and_resume_ends_with_the_same_weights(tmp_path, init_folder, corpu
         assert torch.equal(straight[key], continued[key]), key
     assert load_file(tmp_path / "straight" / "final" / "model.safetensors").keys() == \
         load_file(tmp_path / "stopped" / "final" / "model.safetensors").keys()
+
+
+def test_a_run_ends_with_final_then_one_checkpoint_that_records_it_finished(tmp_path, init_folder, corpus,
+                                                                          monkeypatch):
+    events = []
+    real_save, real_export = training.checkpoint.save, training.export
+
+    def save(folder, model, state):
+        events.append(("checkpoint", state["progress"]["epoch"], state["progress"]["finished"]))
+        real_save(folder, model, state)
+
+    def export(model, tokenizer, folder, **options):
+        if Path(folder).name == "final":
+            events.append(("final",))
+        real_export(model, tokenizer, folder, **options)
+
+    monkeypatch.setattr(training.checkpoint, "save", save)
+    monkeypatch.setattr(training, "export", export)
+    assert train(config_for(init_folder, corpus, tmp_path / "run", epochs=2)).finished
+    # Not a second checkpoint of the last epoch (another full write of weights and optimizer state).
+    assert events == [("checkpoint", 1, False), ("final",), ("checkpoint", 2, True)]
+
+
+def test_a_stop_signal_in_the_last_step_lets_the_run_end(tmp_path, init_folder, corpus, monkeypatch):
+    real_step = training.optimizer_step
+
+    def last_step_signalled(run, micro_batches):
+        if run.progress.step + 1 == run.total_steps:
+            run.stop_signal = signal.SIGINT
+        return real_step(run, micro_batches)
+
+    monkeypatch.setattr(training, "optimizer_step", last_step_signalled)
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=2))  # no Stopped: nothing is left to resume
+    assert progress.finished and (out / "final").is_dir()
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, init_folder, corpus):
