@@ -233,8 +233,9 @@ EOF
 figure "$(tail -n 1 "$WORK/logs/prepare.log")"
 
 run_step finetune 600 "$PYTHON" train.py --init "$WORK/init" --data "$WORK/corpus" --out "$WORK/run" "${FINETUNE_ARGS[@]}"
-# The run's first line (parameters, blocks, steps) and its last epoch line (losses, seconds).
+# The run's first line (parameters, blocks, steps), its last epoch line (losses, seconds) and where its
+# time went (optimizer steps, evaluation, writing checkpoints and exports).
 figure "$(grep -m 1 -o '[0-9,]* parameters on .*' "$WORK/logs/finetune.log")$(grep -E '^epoch [0-9]+/[0-9]+: ' \
-    "$WORK/logs/finetune.log" | tail -n 1 | sed 's/^/; /')"
+    "$WORK/logs/finetune.log" | tail -n 1 | sed 's/^/; /')$(grep -m 1 '^time: ' "$WORK/logs/finetune.log" | sed 's/^/; /')"
 
 exit "$FAILED"

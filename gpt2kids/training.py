@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class Run:
     reporter: Reporter | None = None
     progress: Progress = field(default_factory=Progress)
     stop_signal: signal.Signals | None = None
+    seconds: Counter[str] = field(default_factory=Counter)  # this session's time by activity (see `timing`)
 
     @property
     def total_steps(self) -> int:
@@ -203,7 +205,8 @@ def sample_story(run: Run) -> str:
 def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = None) -> float | None:
     """Evaluate, log, and export `best/` on a new lowest eval loss."""
     progress = run.progress
-    eval_loss = evaluate(run)
+    with timing(run, "evaluating"):
+        eval_loss = evaluate(run)
     if end_of_epoch_row is not None:  # into the history before the export, so best/'s card holds it
         end_of_epoch_row["eval_loss"] = eval_loss
         end_of_epoch_row["perplexity"] = perplexity(eval_loss) if eval_loss is not None else None
@@ -212,7 +215,9 @@ def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = N
         return None
     run.reporter.scalars({"eval/loss": eval_loss, "eval/perplexity": perplexity(eval_loss)}, progress.step)
     if run.dist.is_main:
-        run.reporter.text("sample", sample_story(run), progress.step)
+        with timing(run, "evaluating"):
+            story = sample_story(run)
+        run.reporter.text("sample", story, progress.step)
     if progress.best_eval_loss is None or eval_loss < progress.best_eval_loss:
         progress.best_eval_loss = eval_loss
         progress.evaluations_without_improvement = 0
@@ -252,15 +257,27 @@ def restore(run: Run, saved: checkpoint.Checkpoint) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    if run.dist.is_main:
-        checkpoint.save(run.folder, run.model, training_state(run))
-    run.dist.barrier()
+    with timing(run, "saving"):
+        if run.dist.is_main:
+            checkpoint.save(run.folder, run.model, training_state(run))
+        run.dist.barrier()
 
 
 def save_export(run: Run, which: str) -> None:
-    if run.dist.is_main:
-        export(run.model, run.tokenizer, run.folder / which, card_files=card_files_for(run, which))
-    run.dist.barrier()
+    with timing(run, "saving"):
+        if run.dist.is_main:
+            export(run.model, run.tokenizer, run.folder / which, card_files=card_files_for(run, which))
+        run.dist.barrier()
+
+
+@contextlib.contextmanager
+def timing(run: Run, activity: str) -> Iterator[None]:
+    """Add the block's wall time to `run.seconds[activity]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        run.seconds[activity] += time.perf_counter() - start
 
 
 def card_files_for(run: Run, which: str) -> dict[str, str]:
@@ -314,9 +331,10 @@ def train_epoch(run: Run) -> bool:
     stop = at_limit = False
     with run.reporter.progress_bar(description, plan.steps_per_epoch, progress.step_in_epoch) as bar:
         while progress.step_in_epoch < plan.steps_per_epoch:
-            step_started = time.perf_counter()
-            result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))
-            tokens_per_s = result.input_tokens / max(time.perf_counter() - step_started, 1e-9)
+            with timing(run, "steps"):
+                step_started = time.perf_counter()
+                result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))  # ends in a host sync
+                tokens_per_s = result.input_tokens / max(time.perf_counter() - step_started, 1e-9)
             progress.step += 1
             progress.step_in_epoch += 1
             check_diverged(run, result)
@@ -412,6 +430,7 @@ def train(config: TrainConfig) -> Progress:
 
 def run_epochs(run: Run) -> Progress:
     progress = run.progress
+    started = time.perf_counter()
     run.model.train()
     run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config))
     try:
@@ -429,19 +448,22 @@ def run_epochs(run: Run) -> Progress:
         run.reporter.say(f"stopped early: {progress.stopped_early}")
     if progress.finished and run.config.drop_resume_state and run.dist.is_main:
         run_folder.drop_resume_state(run.folder)
-    report_where_things_are(run)
+    report_where_things_are(run, time.perf_counter() - started)
     if progress.finished and run.config.push_to_hub and run.dist.is_main:
         push_export(run)
     return progress
 
 
-def report_where_things_are(run: Run) -> None:
+def report_where_things_are(run: Run, seconds: float) -> None:
     if not run.dist.is_main:
         return  # only the main process reports (and walks the run folder for its size)
     folder = run.folder
     exports = [f"{folder / name}/" for name in run_folder.EXPORTS if (folder / name).is_dir()]
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
+    spent = run.seconds
+    run.reporter.say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
+                     f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
     run.reporter.say(f"generate: python generate.py --model {folder} \"{SAMPLE_PROMPT}\"")
     run.reporter.say(f"watch:    tensorboard --logdir {folder}")
 

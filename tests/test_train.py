@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +224,23 @@ def test_a_stop_signal_in_the_last_step_lets_the_run_end(tmp_path, init_folder, 
     out = tmp_path / "run"
     progress = train(config_for(init_folder, corpus, out, epochs=2))  # no Stopped: nothing is left to resume
     assert progress.finished and (out / "final").is_dir()
+
+
+def test_the_last_lines_say_where_the_time_went(tmp_path, init_folder, corpus, monkeypatch, capfd):
+    real_save = training.checkpoint.save
+
+    def slow_save(*args):
+        time.sleep(0.5)
+        real_save(*args)
+
+    monkeypatch.setattr(training.checkpoint, "save", slow_save)
+    train(config_for(init_folder, corpus, tmp_path / "run", epochs=2))
+    line = re.search(r"time: the loop took ([\d.]+) s: ([\d.]+) s in optimizer steps, ([\d.]+) s evaluating, "
+                     r"([\d.]+) s writing checkpoints and exports", capfd.readouterr().err)
+    total, steps, evaluating, saving = map(float, line.groups())
+    assert saving >= 1.0  # two checkpoints, each at least half a second
+    assert steps > 0 and evaluating > 0
+    assert steps + evaluating + saving <= total + 0.15  # each figure is rounded to 0.1 s
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, init_folder, corpus):
