@@ -160,7 +160,24 @@ class LogitsProcessors:
 
 
 def choose(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of each row: the best, or drawn from softmax(scores) as transformers draws it."""
+    """The next token of each row: the best, or drawn from softmax(scores)."""
     if greedy:
         return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return draw(scores.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` (B, V), drawn with probability `probs`.
+
+    The race torch.multinomial runs for one sample: the largest p / q, q ~ Exp(1) per token. Run over
+    the whole vocabulary, its draws take most of a sampled step's time outside the model; here it runs
+    only among the tokens the processors kept (top-k keeps 50 of 50257), which leaves the distribution
+    as it is: a token of probability 0 never wins.
+    """
+    indices = None
+    kept = int((probs > 0).sum(dim=-1).max())
+    if kept < probs.shape[-1]:
+        probs, indices = probs.topk(kept, dim=-1)
+    race = probs / torch.empty_like(probs).exponential_(generator=generator)
+    winners = race.argmax(dim=-1, keepdim=True)
+    return (indices.gather(1, winners) if indices is not None else winners).squeeze(1)

@@ -8,7 +8,7 @@ import torch
 from gpt2kids.config import GPT2Config
 from gpt2kids.decode_loop import fit_prompt, generate
 from gpt2kids.hf import load_model
-from gpt2kids.logits_processors import LogitsProcessors, SamplingSettings, choose
+from gpt2kids.logits_processors import LogitsProcessors, SamplingSettings, choose, draw
 from gpt2kids.model import GPT2, build_mask
 
 VOCAB = 101
@@ -69,11 +69,22 @@ def test_greedy_matches_transformers(pair, options):
     assert len(expected_new) >= 5  # the comparison covers real decoding, not an early stop
 
 
-def test_seeded_sampling_matches_transformers(pair):
-    """With the same RNG stream, the processors and the draw are those of transformers."""
+def test_seeded_sampling_matches_transformers(pair, monkeypatch):
+    """With the same RNG stream and the same draw, the processors are those of transformers.
+
+    transformers draws with torch.multinomial over the whole vocabulary, gpt2kids among the tokens its
+    processors kept (`draw`, the same distribution; tests/test_logits_processors.py): here transformers
+    draws as gpt2kids does, so the sampled tokens agree exactly when the probabilities do.
+    """
     reference, ours = pair
     prompt = torch.randint(0, EOS, (1, 5))
     options = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1)
+
+    def multinomial_as_gpt2kids_draws(probs, num_samples, generator=None):
+        assert num_samples == 1
+        return draw(probs, generator)[:, None]
+
+    monkeypatch.setattr(torch, "multinomial", multinomial_as_gpt2kids_draws)
     torch.manual_seed(7)
     with torch.no_grad():
         expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,

@@ -21,6 +21,7 @@ from gpt2kids.logits_processors import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    draw,
     seen_tokens,
 )
 
@@ -103,6 +104,32 @@ def test_no_repeat_ngram_on_short_history():
     scores = torch.zeros(1, 10)
     bans = NGramBans([[3]], 3)
     assert torch.equal(apply_bans(scores, [bans.banned(0)]), scores)
+
+
+# --- the draw --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kept", [4, 6], ids=["among-the-kept", "whole-vocabulary"])
+def test_draw_samples_each_token_with_its_probability(kept):
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+    if kept == 6:  # every token possible: the race runs over the whole row
+        probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
+    rows, draws = 8, 5000
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.cat([draw(probs.expand(rows, -1), generator) for _ in range(draws)])
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    n = rows * draws
+    expected, spread = n * probs.double(), (n * probs.double() * (1 - probs.double())).sqrt()
+    # Within 5 binomial standard deviations of the expected count (a wrong draw misses by hundreds of them).
+    assert ((counts - expected).abs() <= 5 * spread).all(), (counts, expected)
+    assert counts[probs == 0].sum() == 0
+
+
+def test_draw_picks_per_row_among_rows_that_keep_different_counts():
+    probs = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.5, 0.0]])
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.stack([draw(probs, generator) for _ in range(200)])
+    assert (tokens[:, 0] == 1).all()
+    assert set(tokens[:, 1].tolist()) == {0, 3}
 
 
 @pytest.mark.parametrize("change, message", [
