@@ -89,17 +89,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     last = min(first + ACCUMULATE_ROWS, vocab)
                     product = torch.mm(grad_logits[:, first:last].t(), h_chunk, out=block[: last - first])
                     grad_w[first:last] += block_fp32[: last - first].copy_(product)
-        ctx.save_for_backward(grad_h, grad_w)
+        # Held as attributes, not saved tensors, so that backward can hand them on as its own results.
+        ctx.gradients = (grad_h, grad_w)
         count = valid.sum()
         ctx.mark_non_differentiable(count)
         return loss_sum, count
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_count: torch.Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        grad_hidden = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        grad_weight = grad_w * grad_loss if grad_w is not None else None
-        return grad_hidden, grad_weight, None, None
+        # Scaled in place: a scaled copy would be one more head-sized (V, C) fp32 tensor, at the start of
+        # the backward, when every activation is still alive. So this backward runs once (no retain_graph).
+        grad_h, grad_w = ctx.gradients
+        del ctx.gradients
+        if grad_h is not None:
+            grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_loss)
+        return grad_h, grad_w, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
