@@ -98,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_count: torch.Tensor):  # type: ignore[override]
         # Scaled in place: a scaled copy would be one more head-sized (V, C) fp32 tensor, at the start of
-        # the backward, when every activation is still alive. So this backward runs once (no retain_graph).
+        # the backward, when every activation is still alive. So it can run only once (no retain_graph).
         grad_h, grad_w = ctx.gradients
         del ctx.gradients
         if grad_h is not None:

@@ -331,10 +331,11 @@ def train_epoch(run: Run) -> bool:
     stop = at_limit = False
     with run.reporter.progress_bar(description, plan.steps_per_epoch, progress.step_in_epoch) as bar:
         while progress.step_in_epoch < plan.steps_per_epoch:
-            with timing(run, "steps"):
-                step_started = time.perf_counter()
-                result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))  # ends in a host sync
-                tokens_per_s = result.input_tokens / max(time.perf_counter() - step_started, 1e-9)
+            step_started = time.perf_counter()
+            result = optimizer_step(run, plan.step_blocks(order, progress.step_in_epoch))  # ends in a host sync
+            step_seconds = time.perf_counter() - step_started
+            run.seconds["steps"] += step_seconds
+            tokens_per_s = result.input_tokens / max(step_seconds, 1e-9)
             progress.step += 1
             progress.step_in_epoch += 1
             check_diverged(run, result)
@@ -366,7 +367,8 @@ def train_epoch(run: Run) -> bool:
 
 
 def finish_epoch(run: Run, seconds: float) -> None:
-    """Evaluate, add the epoch's row, export best/, say how it went, then checkpoint."""
+    """Evaluate, add the epoch's row, export best/, say how it went, export final/ if the run is over, then
+    checkpoint."""
     progress = run.progress
     train_loss = progress.epoch_loss_sum / max(progress.epoch_tokens, 1)
     row = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss}
