@@ -92,6 +92,8 @@ def damage_in(folder: Path) -> str | None:
         return f"{folder / MANIFEST} is missing (the checkpoint was never completed)"
     except (OSError, ValueError):
         return f"{folder / MANIFEST} is damaged"
+    if not isinstance(manifest, dict):
+        return f"{folder / MANIFEST} is damaged"
     for name, expected in manifest.items():
         path = folder / name
         if not path.is_file():

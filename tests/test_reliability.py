@@ -126,6 +126,12 @@ def test_both_checkpoints_damaged_stops_with_a_clear_message(tmp_path, init_fold
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]", "null"])
+def test_a_damaged_manifest_is_reported_not_raised(tmp_path, text):
+    (tmp_path / checkpoint.MANIFEST).write_text(text)
+    assert checkpoint.damage_in(tmp_path) == f"{tmp_path / checkpoint.MANIFEST} is damaged"
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_folder, corpus, monkeypatch):
     out = tmp_path / "run"
     real_save_file = checkpoint.save_file
