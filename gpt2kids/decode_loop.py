@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gpt2kids.errors import UserError
 from gpt2kids.logits_processors import LogitsProcessors, SamplingSettings, choose
 from gpt2kids.model import GPT2, KVCache, build_mask
 
@@ -66,7 +67,11 @@ def next_token_scores(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask
                       positions: torch.Tensor | None) -> torch.Tensor:
     """fp32 logits of the token after the last one of each row (the processors work in fp32)."""
     hidden = model.hidden_states(input_ids, positions, mask, cache)
-    return model.lm_head(hidden[:, -1]).float()
+    scores = model.lm_head(hidden[:, -1]).float()
+    if not bool(scores.sum().isfinite()):  # one sum, not a check per score: a decode step does it
+        raise UserError("the model computed scores that are not finite (NaN or infinity): its weights are damaged, "
+                        "or its activations overflow in this precision; try --precision fp32")
+    return scores
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ import torch
 
 from gpt2kids.config import GPT2Config
 from gpt2kids.decode_loop import fit_prompt, generate
+from gpt2kids.errors import UserError
 from gpt2kids.hf import load_model
 from gpt2kids.logits_processors import LogitsProcessors, SamplingSettings, choose, draw
 from gpt2kids.model import GPT2, build_mask
@@ -98,6 +99,15 @@ def tiny_model(**overrides) -> GPT2:
     torch.manual_seed(3)
     config = GPT2Config(**{**TINY, "bos_token_id": EOS, "eos_token_id": EOS, **overrides})
     return GPT2(config).eval()
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
+def test_a_model_with_non_finite_scores_stops_with_a_clear_error(greedy):
+    model = tiny_model()
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")  # one NaN reaches every score
+    with pytest.raises(UserError, match="not finite"):
+        generate(model, [[5, 6, 7]], SamplingSettings(max_new_tokens=5, greedy=greedy), EOS)
 
 
 def test_batched_prompts_of_different_lengths_equal_each_alone():
