@@ -136,7 +136,11 @@ class StoryGenerator:
                 if start > 0:
                     sys.stdout.write("\n")
                 stream = TextStream(self.tokenizer, rows, sys.stdout)
-                completions = self.decode(ids, settings, seed, stream)
+                try:
+                    completions = self.decode(ids, settings, seed, stream)
+                except UserError:
+                    sys.stdout.write("\n")  # the streamed line ends, so the error line starts on its own
+                    raise
                 stream.finish()
             produced += sum(map(len, completions))
         return produced

@@ -172,6 +172,19 @@ def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words
     assert "Traceback" not in result.stderr
 
 
+def test_a_model_with_nan_weights_ends_the_streamed_line_and_gives_one_error(model_folder, tmp_path):
+    from gpt2kids.hf import export, load_model, load_tokenizer
+
+    model, _ = load_model(model_folder)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    export(model, load_tokenizer(model_folder), tmp_path / "broken")
+    result = run("Halo", "--model", str(tmp_path / "broken"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stdout == "Halo\n"  # the prompt's line ended before the error
+    assert result.stderr.splitlines()[-1].startswith("error: the model computed scores that are not finite")
+
+
 def test_newest_export_is_the_default(tmp_path):
     assert choose_model(None, tmp_path / "runs")[0] == HUB_DEFAULT
     for index, name in enumerate(["a/final", "b/best", "c/final"]):
