@@ -2,7 +2,8 @@
 
 Each processor is a pure function over (B, V) float32 scores, tested to give the scores of its
 transformers counterpart. `LogitsProcessors` applies them in transformers' order (repetition penalty,
-no-repeat n-gram, then when sampling temperature, top-k, top-p), skipping those that would change nothing.
+no-repeat n-gram, then when sampling temperature, top-k, top-p), skipping those that would change nothing;
+`choose` then takes the best token or draws one (`draw`).
 """
 
 from __future__ import annotations
