@@ -15,6 +15,8 @@ import hashlib
 import json
 import random
 import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from gpt2kids.model import GPT2
 CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint-previous"
 MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "state.pt", "progress.json")
 
 
 def sha256_of(path: Path) -> str:
@@ -38,6 +41,13 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checksums(folder: Path, names: Iterable[str]) -> dict[str, str]:
+    """SHA-256 of each named file, side by side (hashlib lets other threads run while it hashes)."""
+    names = list(names)
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        return dict(zip(names, pool.map(sha256_of, [folder / name for name in names]), strict=True))
 
 
 def rng_states() -> dict[str, Any]:
@@ -74,7 +84,7 @@ def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
         save_file(weights, folder / "model.safetensors")
         torch.save(state, folder / "state.pt")
         (folder / "progress.json").write_text(json.dumps(state["progress"], indent=2) + "\n")
-        manifest = {name: sha256_of(folder / name) for name in ("model.safetensors", "state.pt", "progress.json")}
+        manifest = checksums(folder, FILES)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     try:
@@ -94,12 +104,13 @@ def damage_in(folder: Path) -> str | None:
         return f"{folder / MANIFEST} is damaged"
     if not isinstance(manifest, dict):
         return f"{folder / MANIFEST} is damaged"
+    missing = [folder / name for name in manifest if not (folder / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    actual = checksums(folder, manifest)
     for name, expected in manifest.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if sha256_of(path) != expected:
-            return f"{path} is damaged (its checksum does not match the manifest)"
+        if actual[name] != expected:
+            return f"{folder / name} is damaged (its checksum does not match the manifest)"
     return None
 
 
