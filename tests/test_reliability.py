@@ -132,6 +132,18 @@ def test_a_damaged_manifest_is_reported_not_raised(tmp_path, text):
     assert checkpoint.damage_in(tmp_path) == f"{tmp_path / checkpoint.MANIFEST} is damaged"
 
 
+def test_the_manifest_names_a_missing_or_altered_file_and_passes_a_whole_one(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    manifest = {"model.safetensors": checkpoint.sha256_of(tmp_path / "model.safetensors"), "state.pt": "0" * 64}
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.damage_in(tmp_path) == f"{tmp_path / 'state.pt'} is missing"
+    (tmp_path / "state.pt").write_bytes(b"state")
+    assert checkpoint.damage_in(tmp_path).startswith(f"{tmp_path / 'state.pt'} is damaged (its checksum")
+    manifest["state.pt"] = checkpoint.sha256_of(tmp_path / "state.pt")
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.damage_in(tmp_path) is None
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_folder, corpus, monkeypatch):
     out = tmp_path / "run"
     real_save_file = checkpoint.save_file
