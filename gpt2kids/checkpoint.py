@@ -46,7 +46,7 @@ def sha256_of(path: Path) -> str:
 def checksums(folder: Path, names: Iterable[str]) -> dict[str, str]:
     """SHA-256 of each named file, side by side (hashlib lets other threads run while it hashes)."""
     names = list(names)
-    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+    with ThreadPoolExecutor() as pool:
         return dict(zip(names, pool.map(sha256_of, [folder / name for name in names]), strict=True))
 
 
