@@ -172,12 +172,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
     The race torch.multinomial runs for one sample: the largest p / q, q ~ Exp(1) per token. Run over
     the whole vocabulary, its draws take most of a sampled step's time outside the model; here it runs
-    only among the tokens the processors kept (top-k keeps 50 of 50257), which leaves the distribution
-    as it is: a token of probability 0 never wins.
+    only among the tokens the processors kept (top-k keeps 50 of 50257) when they are at most a fifth
+    of it, which leaves the distribution as it is: a token of probability 0 never wins.
     """
     indices = None
     kept = int((probs > 0).sum(dim=-1).max())
-    if kept < probs.shape[-1]:
+    if kept * 5 <= probs.shape[-1]:  # keeping more, topk would cost more than the race over every token
         probs, indices = probs.topk(kept, dim=-1)
     race = probs / torch.empty_like(probs).exponential_(generator=generator)
     winners = race.argmax(dim=-1, keepdim=True)

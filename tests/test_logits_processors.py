@@ -110,7 +110,8 @@ def test_no_repeat_ngram_on_short_history():
 
 @pytest.mark.parametrize("kept", [4, 6], ids=["among-the-kept", "whole-vocabulary"])
 def test_draw_samples_each_token_with_its_probability(kept):
-    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+    probs = torch.zeros(30)  # 4 of 30 kept: the race runs among them
+    probs[[3, 11, 12, 29]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
     if kept == 6:  # every token possible: the race runs over the whole row
         probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
     rows, draws = 8, 5000
@@ -125,11 +126,13 @@ def test_draw_samples_each_token_with_its_probability(kept):
 
 
 def test_draw_picks_per_row_among_rows_that_keep_different_counts():
-    probs = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.5, 0.0]])
+    probs = torch.zeros(2, 20)
+    probs[0, 1] = 1.0
+    probs[1, [0, 13]] = 0.5
     generator = torch.Generator().manual_seed(1)
     tokens = torch.stack([draw(probs, generator) for _ in range(200)])
     assert (tokens[:, 0] == 1).all()
-    assert set(tokens[:, 1].tolist()) == {0, 3}
+    assert set(tokens[:, 1].tolist()) == {0, 13}
 
 
 @pytest.mark.parametrize("change, message", [
