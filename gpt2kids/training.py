@@ -109,7 +109,7 @@ class Run:
     @property
     def is_over(self) -> bool:
         """The run has done its epochs, or --early-stopping ended it."""
-        return self.progress.epoch == self.config.epochs or self.progress.stopped_early is not None
+        return self.progress.epoch >= self.config.epochs or self.progress.stopped_early is not None
 
 
 # --- one optimizer step --------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def run_epochs(run: Run) -> Progress:
     run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config))
     try:
         with stop_on_signals(run):
-            while progress.epoch < run.config.epochs and progress.stopped_early is None:
+            while not run.is_over:
                 if train_epoch(run):  # --max-steps
                     break
         if not progress.finished:  # --max-steps, or a checkpoint taken after the last epoch but before final/
