@@ -2,9 +2,10 @@
 
 For GPT-2's 50k vocabulary the logits dominate training memory, and a plain
 `F.cross_entropy(lm_head(h))` keeps the logits, their fp32 copy and the softmax for the backward.
-Here the head and the loss run over chunks of tokens; the gradients with
-respect to the hidden states and the head weight are computed in the same pass, chunk by chunk,
-so only one chunk of logits ever exists. The backward only scales the stored gradients.
+Here the head and the loss run over chunks of tokens; the gradients with respect to the hidden
+states and the head weight are computed in the same pass, chunk by chunk, so only one chunk of
+logits ever exists (and in fp32 only a block of its rows). The backward only scales the stored
+gradients.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from gpt2kids.model import IGNORE_INDEX
 CHUNK_ELEMENTS = 1 << 25
 # Rows of the head's weight gradient accumulated at a time (see the end of the chunk loop).
 ACCUMULATE_ROWS = 4096
-# Logits per logsumexp call (2**21 is 8 MB in fp32): the size of its temporaries.
-LOGSUMEXP_ELEMENTS = 1 << 21
+# Logits per block of rows that the softmax and its gradient run on in fp32 (2**21 is 8 MB): the size of
+# the fp32 copy of the chunk's products and of logsumexp's temporaries.
+SOFTMAX_ELEMENTS = 1 << 21
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -33,8 +35,8 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                weight_gradient_to: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = compute_dtype(hidden)
         h = hidden.to(dtype)
         w = weight.to(dtype)
@@ -45,36 +47,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         safe_targets = torch.where(valid, targets, 0)
         rows, vocab = h.shape[0], w.shape[0]
-        logsumexp_rows = max(1, LOGSUMEXP_ELEMENTS // vocab)
+        wants_gradients = want_grad_h or want_grad_w
         # Equal chunks: 2048 tokens at <= 667 per chunk are 4 x 512, not 3 x 667 + a thin 47-row matmul.
         chunk_tokens = max(1, math.ceil(rows / max(1, math.ceil(rows / chunk_tokens))))
-        # One set of chunk buffers, reused by every chunk: fresh chunk-sized tensors would each be
-        # page-faulted in anew (glibc returns blocks this big to the OS when they are freed).
+        # One set of buffers, reused by every chunk: fresh chunk-sized tensors would each be page-faulted
+        # in anew (glibc returns blocks this big to the OS when they are freed).
         scores = torch.empty(min(chunk_tokens, rows), vocab, dtype=dtype, device=h.device)  # matmul outputs
         fp32_compute = dtype == torch.float32
-        logits_buffer = scores if fp32_compute else torch.empty(scores.shape, dtype=torch.float32, device=h.device)
+        softmax_rows = max(1, SOFTMAX_ELEMENTS // vocab)
+        if not fp32_compute:
+            logits_block = torch.empty(min(softmax_rows, len(scores)), vocab, dtype=torch.float32, device=h.device)
         if want_grad_w and not fp32_compute:  # for grad_w's accumulation by blocks of rows, below
             block = torch.empty(min(ACCUMULATE_ROWS, vocab), w.shape[1], dtype=dtype, device=h.device)
             block_fp32 = torch.empty(block.shape, dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):  # every operand is in `dtype` already
             for start in range(0, rows, chunk_tokens):
                 end = min(start + chunk_tokens, rows)
-                h_chunk, t_chunk, v_chunk = h[start:end], safe_targets[start:end], valid[start:end]
+                h_chunk = h[start:end]
                 products = torch.mm(h_chunk, w.t(), out=scores[: end - start])
-                logits = products if fp32_compute else logits_buffer[: end - start].copy_(products)
-                target_logit = logits.gather(1, t_chunk[:, None]).squeeze(1)
-                # torch.logsumexp by blocks of rows: whole, it would allocate two more chunk-sized temporaries.
-                log_normaliser = torch.cat([torch.logsumexp(logits[r:r + logsumexp_rows], dim=-1)
-                                            for r in range(0, end - start, logsumexp_rows)])
-                loss_sum += ((log_normaliser - target_logit) * v_chunk).sum()
-                if grad_h is None and grad_w is None:
+                # The loss and d loss / d logits (softmax - one_hot, zero on ignored rows) in fp32, a block
+                # of rows at a time, written back over the products: the chunk's fp32 logits never exist.
+                for first in range(start, end, softmax_rows):
+                    last = min(first + softmax_rows, end)
+                    t_block, v_block = safe_targets[first:last], valid[first:last]
+                    product_block = products[first - start:last - start]
+                    logits = product_block if fp32_compute else logits_block[: last - first].copy_(product_block)
+                    log_normaliser = torch.logsumexp(logits, dim=-1)
+                    target_logit = logits.gather(1, t_block[:, None]).squeeze(1)
+                    loss_sum += ((log_normaliser - target_logit) * v_block).sum()
+                    if not wants_gradients:
+                        continue
+                    grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
+                    grad_logits[torch.arange(last - first, device=h.device), t_block] -= 1.0
+                    grad_logits *= v_block[:, None]
+                    if not fp32_compute:
+                        product_block.copy_(grad_logits)  # to the compute dtype, in the matmul buffer
+                if not wants_gradients:
                     continue
-                # d loss / d logits = softmax - one_hot, zero on ignored rows; computed in place.
-                grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
-                grad_logits[torch.arange(end - start, device=h.device), t_chunk] -= 1.0
-                grad_logits *= v_chunk[:, None]
-                if not fp32_compute:
-                    grad_logits = products.copy_(grad_logits)  # to the compute dtype, in the matmul buffer
+                grad_logits = products
                 if grad_h is not None:
                     grad_h[start:end] = grad_logits @ w
                 if grad_w is None:
@@ -91,6 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w[first:last] += block_fp32[: last - first].copy_(product)
         # Held as attributes, not saved tensors, so that backward can hand them on as its own results.
         ctx.gradients = (grad_h, grad_w)
+        ctx.weight_gradient_to = weight_gradient_to
         count = valid.sum()
         ctx.mark_non_differentiable(count)
         return loss_sum, count
@@ -105,15 +116,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w.mul_(grad_loss)
-        return grad_h, grad_w, None, None
+            if ctx.weight_gradient_to is not None:  # the tied embedding's backward adds to it and hands it on
+                ctx.weight_gradient_to.append(grad_w)
+                grad_w = None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_tokens: int | None = None, weight_gradient_to: list[torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy of `hidden @ weight.T` against `targets`, and the token count.
 
     `hidden` is (..., C), `weight` (V, C), `targets` (...) with IGNORE_INDEX for no loss.
-    Returns (loss_sum, count): fp32 scalars; divide for the mean.
+    Returns (loss_sum, count): fp32 scalars; divide for the mean. With `weight_gradient_to`, the
+    backward appends the weight's gradient to that list instead of returning it (see
+    `gpt2kids.memory_saving.TiedEmbedding`).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -122,7 +139,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if not torch.is_grad_enabled():
         # needs_input_grad ignores no_grad mode; detaching keeps evaluation from computing gradients.
         hidden, weight = hidden.detach(), weight.detach()
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, weight_gradient_to)
 
 
 def perplexity(loss: float) -> float:

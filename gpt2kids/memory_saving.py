@@ -8,7 +8,9 @@ what is kept for the backward:
 - `CausalDropoutAttention`: causal attention with dropout by blocks of queries, for CPU training,
   where SDPA has no dropout kernel and falls back to materialising every (T, T) score;
 - `gpt2kids.loss.linear_cross_entropy`: the LM head and its loss in chunks of tokens, so the full
-  (tokens x vocabulary) logits never exist.
+  (tokens x vocabulary) logits never exist;
+- `TiedEmbedding`: on CPU, the token embedding adds its weight gradient into the LM head's (the same
+  weight) instead of into a tensor of its own.
 
 Without gradients (evaluation, sampling) and under torch.compile the modules compute through the
 plain PyTorch calls, so the compiler sees the textbook graph.
@@ -153,6 +155,32 @@ class CausalDropoutAttention(torch.autograd.Function):
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
 
 
+class TiedEmbedding(torch.autograd.Function):
+    """The token embedding's look-up, its weight gradient added into the tied LM head's.
+
+    Autograd would sum two (V, C) gradients for the one weight: the embedding's, a fresh zero-filled
+    tensor (154 MB in fp32 for GPT-2 Small) made at the very end of the backward, when every other
+    gradient exists. Here the loss's backward, which runs first, leaves the head's gradient in
+    `hand_off` (see `linear_cross_entropy`), and this backward adds each looked-up row's gradient into it.
+    """
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, hand_off: list[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.hand_off, ctx.weight_shape = hand_off, weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        if ctx.hand_off:
+            grad = ctx.hand_off.pop()
+        else:  # the loss did not run its backward here (say, another loss was backpropagated)
+            grad = torch.zeros(ctx.weight_shape, dtype=grad_out.dtype, device=grad_out.device)
+        grad.index_add_(0, ids.flatten(), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype))
+        return None, grad, None
+
+
 def _block_scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, scale: float) -> torch.Tensor:
     """Scaled scores (fp32 q, k) of queries start:end against keys 0:end, -inf where a key lies in the future."""
     scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)).mul_(scale)
@@ -210,9 +238,32 @@ class LeanBlock(Block):
         return x + self.mlp(x)
 
 
+class LeanEmbedding(nn.Embedding):
+    hand_off: list[torch.Tensor] | None = None  # set by LeanGPT2.forward for the span of one forward
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.hand_off is None:
+            return super().forward(ids)
+        return TiedEmbedding.apply(ids, self.weight, self.hand_off)
+
+
 class LeanGPT2(GPT2):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean",
+                **inputs: torch.Tensor | None) -> torch.Tensor:
+        # The hand-off joins the embedding's backward and the loss's of this forward only: on CPU (where
+        # index_add_ is deterministic), when a loss is computed with gradients, by the eager modules.
+        if targets is None or input_ids.device.type != "cpu" or _plain_path():
+            return super().forward(input_ids, targets, reduction=reduction, **inputs)
+        embedding = self.transformer.wte
+        embedding.hand_off = []
+        try:
+            return super().forward(input_ids, targets, reduction=reduction, **inputs)
+        finally:
+            embedding.hand_off = None
+
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        loss_sum, count = linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        hand_off = self.transformer.wte.hand_off
+        loss_sum, count = linear_cross_entropy(hidden, self.lm_head.weight, targets, weight_gradient_to=hand_off)
         return loss_sum if reduction == "sum" else loss_sum / count.clamp(min=1)
 
 
@@ -228,5 +279,6 @@ def use_memory_saving_kernels(model: GPT2) -> GPT2:
         # Subclasses that only override how forward computes, so the modules keep their state.
         attention.__class__ = LeanAttention
         block.__class__ = LeanBlock
+    model.transformer.wte.__class__ = LeanEmbedding
     model.__class__ = LeanGPT2
     return model

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt2kids.loss as loss_module
 from gpt2kids.loss import linear_cross_entropy, perplexity
 from gpt2kids.model import IGNORE_INDEX
 
@@ -82,3 +83,42 @@ def test_the_backward_hands_on_the_gradients_it_computed_without_copying_them():
 def test_perplexity_is_exp_of_the_loss_and_does_not_overflow():
     assert perplexity(3.777) == pytest.approx(43.68, abs=0.01)  # the published card's pair
     assert perplexity(1e6) > 1e34
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_the_softmax_by_blocks_of_rows_equals_one_block(monkeypatch, dtype):
+    # Blocks of 3 rows (not dividing the 7-row chunks): the same elementwise arithmetic, so the gradients are
+    # equal to the last bit; only the loss's sum is taken in another order.
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(20, 8), torch.randn(30, 8)
+    targets = torch.randint(0, 30, (20,))
+    targets[[2, 9]] = IGNORE_INDEX
+    results = []
+    for softmax_elements in (1 << 21, 3 * 30):
+        monkeypatch.setattr(loss_module, "SOFTMAX_ELEMENTS", softmax_elements)
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss, _ = linear_cross_entropy(h, w, targets, chunk_tokens=7)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, grad_h, grad_w), (expected_loss, expected_h, expected_w) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_h, expected_h, rtol=0, atol=0)
+    torch.testing.assert_close(grad_w, expected_w, rtol=0, atol=0)
+
+
+def test_the_backward_can_hand_the_weight_gradient_to_a_list_instead_of_returning_it():
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (6,))
+    expected_loss, _ = linear_cross_entropy(hidden, weight, targets)
+    (0.5 * expected_loss).backward()
+    expected = weight.grad
+    weight.grad = None
+    hand_off: list[torch.Tensor] = []
+    loss_sum, _ = linear_cross_entropy(hidden, weight, targets, weight_gradient_to=hand_off)
+    (0.5 * loss_sum).backward()
+    assert weight.grad is None  # handed off, not returned
+    [handed] = hand_off
+    torch.testing.assert_close(handed, expected, rtol=0, atol=0)

@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2kids.config import GPT2Config
 from gpt2kids.memory_saving import (
     ATTENTION_BLOCK,
     CausalDropoutAttention,
     LeanLinear,
+    TiedEmbedding,
     use_memory_saving_kernels,
 )
 from gpt2kids.model import GPT2, IGNORE_INDEX
@@ -155,6 +157,50 @@ def test_causal_dropout_attention_in_bf16_is_as_accurate_as_sdpa():
     sdpa_error = (sdpa.float() - exact).abs().mean()
     ours_error = (ours.float() - exact).abs().mean()
     assert ours_error < 1.5 * sdpa_error, (ours_error, sdpa_error)
+
+
+# --- the tied embedding --------------------------------------------------------------------------
+
+def test_the_tied_embedding_without_a_handed_gradient_has_the_embeddings_gradient():
+    torch.manual_seed(0)
+    weight = torch.randn(11, 4, requires_grad=True)
+    ids = torch.tensor([[1, 3, 3], [0, 10, 1]])  # repeated ids: their rows' gradients add up
+    grad_out = torch.randn(2, 3, 4)
+    F.embedding(ids, weight).backward(grad_out)
+    expected, weight.grad = weight.grad, None
+    TiedEmbedding.apply(ids, weight, []).backward(grad_out)
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-6, atol=1e-6)  # sums of up to 2 rows, reordered
+
+
+class _EmbeddingBackwards(TorchDispatchMode):
+    """Records the table size (rows) of every embedding backward that builds its own gradient, and index_add_ calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense_rows: list[int] = []
+        self.index_adds = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.embedding_dense_backward.default:
+            self.dense_rows.append(args[2])
+        self.index_adds += func is torch.ops.aten.index_add_.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_lean_model_adds_the_embeddings_gradient_into_the_heads():
+    # The plain backward builds the embedding's own (vocabulary x width) gradient with
+    # embedding_dense_backward (154 MB for GPT-2 Small), then adds it to the head's.
+    ids = torch.randint(0, 97, (2, 16))
+    for lean in (False, True):
+        model = _random_model().train()
+        if lean:
+            use_memory_saving_kernels(model)
+        loss = model(ids, ids, reduction="sum")
+        with _EmbeddingBackwards() as seen:
+            loss.backward()
+        # The position embedding (32 rows) keeps its own gradient; the token embedding's (97) goes into the head's.
+        assert sorted(seen.dense_rows) == ([32] if lean else [32, 97])
+        assert seen.index_adds == (1 if lean else 0)
 
 
 # --- the whole model -----------------------------------------------------------------------------
