@@ -95,8 +95,9 @@ def test_perplexity_is_exp_of_the_loss_and_does_not_overflow():
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_the_softmax_by_blocks_of_rows_equals_one_block(monkeypatch, dtype):
-    # Blocks of 3 rows (not dividing the 7-row chunks): the same elementwise arithmetic, so the gradients are
-    # equal to the last bit; only the loss's sum is taken in another order.
+    # Blocks of 3 rows (not dividing the 7-row chunks): the same elementwise arithmetic, but an element
+    # may meet a kernel's scalar tail in one layout and its vector body in the other (an ulp apart), and
+    # in bf16 a gradient may then round the other way: bounds of a few roundings, as above.
     torch.manual_seed(0)
     hidden, weight = torch.randn(20, 8), torch.randn(30, 8)
     targets = torch.randint(0, 30, (20,))
@@ -110,7 +111,8 @@ def test_the_softmax_by_blocks_of_rows_equals_one_block(monkeypatch, dtype):
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad))
     (loss, grad_h, grad_w), (expected_loss, expected_h, expected_w) = results
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
-    torch.testing.assert_close(grad_h, expected_h, rtol=0, atol=0)
-    torch.testing.assert_close(grad_w, expected_w, rtol=0, atol=0)
+    bounds = dict(rtol=1e-5, atol=1e-6) if dtype is None else dict(rtol=4 * BF16_UNIT, atol=4 * BF16_UNIT)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_h, expected_h, **bounds)
+    torch.testing.assert_close(grad_w, expected_w, **bounds)
 
