@@ -97,7 +97,7 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
     steps = min(settings.max_new_tokens, context - width + 1)
     total_length = min(width + steps, context)
     batch = PromptBatch(rows, eos_id, total_length, device)
-    cache_dtype = getattr(model, "kv_cache_dtype", model.transformer.wte.weight.dtype)  # see optimize_for_decoding
+    cache_dtype = getattr(model, "kv_cache_dtype", model.transformer.wte.weight.dtype)  # see hold_kv_cache_in
     cache = KVCache(config, len(rows), total_length, device, cache_dtype)
     processors = LogitsProcessors(settings, rows, config.vocab_size, device)
 

@@ -11,7 +11,7 @@ of the model's shapes and the decisions cached per machine, never chosen by a CP
   through `F.embedding_bag` with per-sample weights x (x @ W.T is the x-weighted sum of W.T's rows);
 - `cols`: a matmul against a column-major copy of the tied LM head, which the embedding reads too.
 The KV cache's dtype is chosen the same way: one-query attention over bf16 keys can be several times
-slower than casting the query up and attending over fp32 keys (`AttentionShape`).
+slower than casting the query up and attending over fp32 keys (`AttentionShape`, `WideCacheAttention`).
 None needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
 """
 
@@ -36,7 +36,7 @@ from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
 from gpt2kids.device import DTYPES, bf16_is_fast, check_precision
 from gpt2kids.errors import UserError
-from gpt2kids.model import GPT2
+from gpt2kids.model import GPT2, CausalSelfAttention
 
 FEW_ROWS = 8  # batched decoding: kernels for more than one row are timed at this many rows
 ROUNDS = 4  # timed passes per kernel, in alternating order; the median over passes and copies is kept
@@ -189,8 +189,24 @@ def synthetic_linear(shape: LinearShape, dtype: torch.dtype, kernel: str) -> Dec
     return DecodingLinear(linear, kernel, nn.Embedding(*weight.shape, _weight=weight) if shape.tied else None)
 
 
+class WideCacheAttention(CausalSelfAttention):
+    """Attention over a KV cache held in a wider dtype than the weights (fp32 for bf16, where a decode step
+    attends faster so): the queries are cast to the cache's dtype, the result back."""
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return super().attention(q.to(k.dtype), k, v, mask).to(q.dtype)
+
+
+def hold_kv_cache_in(model: GPT2, dtype: torch.dtype) -> None:
+    """Have `generate` keep `model`'s KV cache in `dtype` (`model.kv_cache_dtype`), its attention to match."""
+    model.kv_cache_dtype = dtype
+    if dtype != model.transformer.wte.weight.dtype:
+        for block in model.transformer.h:
+            block.attn.__class__ = WideCacheAttention  # a subclass that only casts: the module keeps its state
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One-query attention as the model runs it over a KV cache of another dtype (see model.py)."""
+    """One-query attention as `WideCacheAttention` runs it (over a cache in the weights' dtype, plain SDPA)."""
     return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values).to(q.dtype)
 
 
@@ -384,17 +400,18 @@ def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
     model.eval()  # decoding only: no dropout
     embedding = model.transformer.wte
     shapes = decoding_linears(model)
-    model.kv_cache_dtype = embedding.weight.dtype
+    cache_dtype = embedding.weight.dtype
     if embedding.weight.device.type == "cpu":
         chosen = choose_kernels(decoding_shapes(model), embedding.weight.dtype, force=kernel)
         for (parent, name), shape in shapes.items():
             module = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
             setattr(parent, name, module)
         attention = AttentionShape(model.config.n_head, model.config.head_dim)
-        model.kv_cache_dtype = DTYPES[chosen[attention].split("/")[0]]
+        cache_dtype = DTYPES[chosen[attention].split("/")[0]]
     else:  # a GPU's kernels read row-major weights fastest
         for linear in (getattr(parent, name) for parent, name in shapes):
             linear.weight.data = linear.weight.data.contiguous()
+    hold_kv_cache_in(model, cache_dtype)
     model.optimized_for_decoding = True  # it can only decode now: gpt2kids.hf.export refuses it
     return model
 

@@ -43,8 +43,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        # A KV cache may hold fp32 keys for bf16 weights (decoding chooses so where it attends faster).
-        y = self.attention(q.to(k.dtype), k, v, mask).to(q.dtype)
+        y = self.attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(batch, length, width)
         return self.resid_dropout(self.c_proj(y))
 

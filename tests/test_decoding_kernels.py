@@ -335,7 +335,7 @@ def test_attention_over_an_fp32_kv_cache_keeps_bf16_logits_within_bf16_rounding(
     ids = torch.randint(0, VOCAB, (3, 6))
     reference = step_logits(exact, ids)
     plain_error = (step_logits(plain, ids) - reference).abs().max()
-    plain.kv_cache_dtype = torch.float32  # the model casts each query up and the attention's output back
+    decoding.hold_kv_cache_in(plain, torch.float32)  # each query cast up, the attention's output back
     wide_error = (step_logits(plain, ids) - reference).abs().max()
     assert 0 < wide_error <= 2 * plain_error, (wide_error, plain_error)
 
