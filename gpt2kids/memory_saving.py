@@ -175,7 +175,7 @@ class TiedEmbedding(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         if ctx.hand_off:
             grad = ctx.hand_off.pop()
-        else:  # the loss did not run its backward here (say, another loss was backpropagated)
+        else:  # no loss's backward handed the head's gradient over (the function used on its own)
             grad = torch.zeros(ctx.weight_shape, dtype=grad_out.dtype, device=grad_out.device)
         grad.index_add_(0, ids.flatten(), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype))
         return None, grad, None
