@@ -192,14 +192,10 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
             tensor = tensor.t().contiguous()  # a parameter, not a strided view of the file's tensor
         ours[key] = tensor
     expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+    differences = {"missing": sorted(set(expected) - set(ours)), "unexpected": sorted(set(ours) - set(expected))}
+    parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+             for label, keys in differences.items() if keys]
+    if parts:
         raise UserError(f"the weights do not match a GPT-2 model ({'; '.join(parts)})")
     for key, shape in expected.items():
         if tuple(ours[key].shape) != shape:

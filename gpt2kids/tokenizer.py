@@ -94,17 +94,20 @@ def _is_gpt2_model_folder(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == "gpt2"
 
 
+def _byte_level_steps(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ByteLevel steps of a tokenizer.json's pre-tokenizer (itself, or inside a Sequence)."""
+    pre = state.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return [step for step in steps if step.get("type") == "ByteLevel"]
+
+
 def _set_prefix_space(backend: HFTokenizer, add_prefix_space: bool) -> HFTokenizer:
     """The backend with every ByteLevel pre-tokenizer set to `add_prefix_space` (others untouched)."""
     state = json.loads(backend.to_str())
-    pre = state.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    changed = False
+    steps = [step for step in _byte_level_steps(state) if step.get("add_prefix_space") != add_prefix_space]
     for step in steps:
-        if step.get("type") == "ByteLevel" and step.get("add_prefix_space") != add_prefix_space:
-            step["add_prefix_space"] = add_prefix_space
-            changed = True
-    return HFTokenizer.from_str(json.dumps(state)) if changed else backend
+        step["add_prefix_space"] = add_prefix_space
+    return HFTokenizer.from_str(json.dumps(state)) if steps else backend
 
 
 class Tokenizer:
@@ -147,9 +150,7 @@ class Tokenizer:
     @property
     def add_prefix_space(self) -> bool:
         """Whether encoding puts a space before the text (the ByteLevel pre-tokenizer's setting)."""
-        pre = json.loads(self.backend.to_str()).get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-        return any(step.get("type") == "ByteLevel" and step.get("add_prefix_space", False) for step in steps)
+        return any(step.get("add_prefix_space", False) for step in _byte_level_steps(json.loads(self.backend.to_str())))
 
     # --- loading -----------------------------------------------------------------------------
 
