@@ -36,6 +36,7 @@ from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
 from gpt2kids.device import DTYPES, bf16_is_fast, check_precision
 from gpt2kids.errors import UserError
+from gpt2kids.hf import empty_model
 from gpt2kids.model import GPT2, CausalSelfAttention
 
 FEW_ROWS = 8  # batched decoding: kernels for more than one row are timed at this many rows
@@ -379,8 +380,7 @@ def choose_kernels(shapes: Mapping[Shape, int], dtype: torch.dtype, force: str |
 def decoding_dtype(config: GPT2Config | None = None) -> torch.dtype:
     """bf16 if a batch-1 decode step's products and attention (`config`'s shapes, GPT-2 Small's by default) run
     faster than in fp32."""
-    with torch.device("meta"):
-        shapes = decoding_shapes(GPT2(config if config is not None else GPT2Config()))
+    shapes = decoding_shapes(empty_model(config if config is not None else GPT2Config()))
     known, note = ensure_measured(shapes, [torch.float32, torch.bfloat16])
     step = {}
     for dtype in (torch.float32, torch.bfloat16):

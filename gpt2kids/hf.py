@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from gpt2kids.atomic_files import replace_folder
 from gpt2kids.config import GPT2Config
@@ -205,9 +206,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
 
 
 def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = GPT2(config)
-    return {key: tuple(value.shape) for key, value in model.untied_state_dict().items()}
+    return {key: tuple(value.shape) for key, value in empty_model(config).untied_state_dict().items()}
 
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
@@ -226,6 +225,24 @@ def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
 
 # --- loading a model ------------------------------------------------------------------------------
 
+class _NoValuesOnMeta(TorchFunctionMode):
+    """Skips `normal_` on meta tensors: they hold no values, and PyTorch's meta `normal_` imports
+    torch._dynamo (over a second) the first time it runs, which nothing else in loading or decoding needs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if func in (torch.Tensor.normal_, torch.nn.init.normal_) and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **kwargs)
+
+
+def empty_model(config: GPT2Config) -> GPT2:
+    """A GPT2 of `config` on the meta device: its names and shapes, no memory and no values (to load into)."""
+    with torch.device("meta"), _NoValuesOnMeta():
+        return GPT2(config)
+
+
 def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                dropout: float | None = None) -> tuple[GPT2, Path]:
     """Build a GPT2 from any checkpoint `resolve` understands; returns the model and its folder.
@@ -237,9 +254,8 @@ def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torc
     if dropout is not None:
         config = config.with_dropout(dropout)
     state = from_hf_state_dict(read_weights(folder), config)
-    with torch.device("meta"):
-        model = GPT2(config)
-    # assign=True adopts the loaded tensors instead of copying into freshly initialised ones.
+    model = empty_model(config)
+    # assign=True adopts the loaded tensors instead of copying into empty ones.
     model.load_untied_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.to(device), folder
 

@@ -88,6 +88,23 @@ def test_a_loaded_model_keeps_no_weights_file_mapped(tmp_path, reference, input_
     torch.testing.assert_close(logits_of(ours.eval(), input_ids), logits_of(reference, input_ids), rtol=1e-5, atol=1e-5)
 
 
+def test_loading_a_model_leaves_torch_dynamo_unimported(tmp_path, reference):
+    """The empty model that weights load into is built on the meta device without PyTorch's meta
+    `normal_`, whose first call imports torch._dynamo (over a second of every generate.py start)."""
+    reference.save_pretrained(tmp_path)
+    code = ("import sys, torch\n"
+            "before = 'torch._dynamo' in sys.modules\n"
+            "from gpt2kids.hf import load_model\n"
+            f"model, _ = load_model({str(tmp_path)!r})\n"
+            "assert not model.lm_head.weight.is_meta and model.lm_head.weight is model.transformer.wte.weight\n"
+            "print(before, 'torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    before, after = result.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo on import: nothing to keep from loading")
+    assert after == "False"
+
+
 def test_export_loads_in_transformers_with_no_missing_keys_and_same_logits(tmp_path, reference, input_ids,
                                                                            tokenizer):
     from transformers import GPT2LMHeadModel
