@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 from gpt2kids import data  # noqa: E402
 from gpt2kids.config import GPT2Config, preset  # noqa: E402
-from gpt2kids.hf import export  # noqa: E402
+from gpt2kids.hf import empty_model, export  # noqa: E402
 from gpt2kids.model import GPT2  # noqa: E402
 from gpt2kids.tokenizer import Tokenizer  # noqa: E402
 
@@ -63,8 +63,7 @@ class FlopModel:
 
     @classmethod
     def of(cls, config: GPT2Config) -> FlopModel:
-        with torch.device("meta"):
-            model = GPT2(config)
+        model = empty_model(config)
         embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
         return cls(model.num_parameters() - embeddings, config.n_layer, config.n_embd, config.vocab_size)
 

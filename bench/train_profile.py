@@ -1,6 +1,7 @@
 """Where one gpt2kids training step spends its time and its memory, on the machine that runs it.
 
-The step is exactly what `python train.py` runs (`prepare_run` + `optimizer_step`), on a random-init
+The step is exactly what `python train.py` runs (`prepare_run` + `optimizer_step`, set up as
+`train_step.py`'s gpt2kids side: constant lr 5e-5, clipping at 1.0), on a random-init
 HF folder of GPT-2 Small shapes (or `--model-size tiny`) and blocks of the bundled stories, in a
 worker process of its own (so that its memory is the training's alone, as in `train_step.py`). After
 `--warmup` steps:
@@ -31,10 +32,7 @@ from pathlib import Path
 
 import torch
 from benchutil import SEED, machine, make_model_folder
-
-from gpt2kids import data
-from gpt2kids.train_config import TrainConfig
-from gpt2kids.training import optimizer_step, prepare_run
+from train_step import GPT2KidsSide
 
 # Operator name prefixes (as torch.profiler names them) by kind; what matches none is "elementwise and other".
 KINDS = {
@@ -104,16 +102,14 @@ def mark_phases(run, enter) -> list:
 
 
 def worker(args: argparse.Namespace) -> None:
-    config = TrainConfig(init=str(args.worker), out=str(args.worker.parent / "run"), epochs=1,
-                         batch_size=args.batch, block_size=args.block, lr=5e-5, schedule="constant",
-                         precision=args.precision, device=args.device, seed=SEED, dropout=args.dropout)
-    run = prepare_run(config)
-    run.model.train()
-    order = data.epoch_order(len(run.dataset.train), SEED, 0)
+    # The step train_step.py times: the same settings, blocks and order.
+    side = GPT2KidsSide(argparse.Namespace(folder=args.worker, batch=args.batch, block=args.block, device=args.device,
+                                           compile=False), args.precision, args.dropout)
+    run = side.run
     steps = iter(range(10**9))
 
     def step() -> None:
-        optimizer_step(run, run.plan.step_blocks(order, next(steps) % run.plan.steps_per_epoch))
+        side.step(next(steps))
 
     for _ in range(args.warmup):
         step()
