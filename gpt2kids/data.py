@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2kids.atomic_files import atomic_path
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, warn
 from gpt2kids.model import IGNORE_INDEX
 from gpt2kids.tokenizer import Tokenizer
 
@@ -34,10 +33,6 @@ MIN_STORIES = 2  # one to train on and one to hold out
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ of the model's shapes and the decisions cached per machine, never chosen by a CP
 - `split`: the output columns in one block per thread, one `baddbmm`; `bag` (one row): the same blocks
   through `F.embedding_bag` with per-sample weights x (x @ W.T is the x-weighted sum of W.T's rows);
 - `cols`: a matmul against a column-major copy of the tied LM head, which the embedding reads too.
-The KV cache's dtype is chosen the same way: one-query attention over bf16 keys can be several times
-slower than casting the query up and attending over fp32 keys (`AttentionShape`, `WideCacheAttention`).
+The KV cache's dtype is chosen the same way: one-query attention over bf16 keys can be slower than
+casting the query up and attending over fp32 keys (`AttentionShape`, `WideCacheAttention`).
 None needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
 """
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
+from gpt2kids.data import ceil_div
 from gpt2kids.device import DTYPES, bf16_is_fast, check_precision
 from gpt2kids.errors import UserError
 from gpt2kids.hf import empty_model
@@ -110,7 +111,7 @@ class DecodingLinear(nn.Module):
 
     def hold_blocks(self, weight: torch.Tensor, embedding: nn.Embedding | None) -> None:
         self.parts = torch.get_num_threads()  # one block per thread
-        width = -(-self.out_features // self.parts)  # the last block is padded with zeros
+        width = ceil_div(self.out_features, self.parts)  # the last block is padded with zeros
         padding = self.parts * width - self.out_features
         padded = F.pad(weight, (0, 0, 0, padding))  # (P * width, in)
         if self.bias is not None:  # the bias as one more input row: `bag` adds it in its fp32 sum, weighted by one

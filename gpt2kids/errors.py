@@ -1,6 +1,13 @@
-"""Errors meant for people: `gpt2kids.cli.run_cli` prints them as one line, with no traceback."""
+"""Errors meant for people: `gpt2kids.cli.run_cli` prints them as one line, with no traceback; and warnings."""
 
 from __future__ import annotations
+
+import sys
+
+
+def warn(message: str) -> None:
+    """One line on stderr about something that did not stop the work."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class UserError(Exception):

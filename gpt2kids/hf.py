@@ -227,7 +227,7 @@ def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
 
 class _NoValuesOnMeta(TorchFunctionMode):
     """Skips `normal_` on meta tensors: they hold no values, and PyTorch's meta `normal_` imports
-    torch._dynamo (over a second) the first time it runs, which nothing else in loading or decoding needs."""
+    torch._dynamo the first time it runs, a slow import that nothing else in loading or decoding needs."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -115,7 +115,7 @@ class CausalDropoutAttention(torch.autograd.Function):
                 block_normaliser = torch.logsumexp(scores, dim=-1)
                 probs = scores.sub_(block_normaliser[..., None]).exp_()
                 # From the global generator, so checkpointed RNG states replay it exactly; uniform draws
-                # compared with p cost half of what bernoulli_ does on CPU.
+                # compared with p: cheaper than bernoulli_ on CPU.
                 drop = torch.rand(probs.shape, device=q.device) < p
                 kept = probs.masked_fill_(drop, 0.0).mul_(1.0 / (1.0 - p))
                 out[:, :, start:end] = kept.to(q.dtype) @ v[:, :, :end]

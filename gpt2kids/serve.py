@@ -20,10 +20,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gpt2kids.errors import UserError
+from gpt2kids.errors import warn as warn_on_stderr
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.model_card import WIDGET_PROMPT  # the published card's widget prompt
-from gpt2kids.text_generation import StoryGenerator, warn_on_stderr
+from gpt2kids.text_generation import StoryGenerator
 from gpt2kids.text_output import whole_characters
 from gpt2kids.tokenizer import Tokenizer
 

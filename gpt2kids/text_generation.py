@@ -15,6 +15,7 @@ from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
 from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_inference
 from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
+from gpt2kids.errors import warn as warn_on_stderr
 from gpt2kids.hf import load_model, load_tokenizer, resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
@@ -65,10 +66,6 @@ def check_prompt_text(prompts: Sequence[str], first_number: int = 1) -> None:
             # Python maps argv bytes that are not UTF-8 to lone surrogates; no tokenizer can take those.
             raise UserError(f"prompt {number} is not valid UTF-8 text; check your terminal's or shell's "
                             "encoding (a UTF-8 locale is needed)") from None
-
-
-def warn_on_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
