@@ -1,4 +1,4 @@
-"""Run `train.py` with a fault injected at a named point (used by test_reliability.py).
+"""Run `train.py` with a fault injected at a named point (used by test_checkpoint.py and test_reporting.py).
 
     python tests/faults.py POINT:N -- [train.py flags]
 

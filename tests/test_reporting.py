@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from conftest import run_train
-from test_reliability import flags, run_with_fault
+from test_checkpoint import flags, run_with_fault
 
 
 def scalar_events(run_dir) -> dict[str, list[tuple[int, float]]]:

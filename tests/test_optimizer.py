@@ -1,4 +1,5 @@
-"""`--schedule` and `--warmup-steps`: the multipliers of the peak rate, alone and inside a real run.
+"""gpt2kids.optimizer's schedules (`--schedule`, `--warmup-steps`): the multipliers of the peak rate, alone and
+inside a real run (AdamW's weight decay: test_recipe.py).
 
 The published model was trained with the Hugging Face Trainer, so its schedule functions
 (`get_*_schedule_with_warmup`) are the reference, step by step.
