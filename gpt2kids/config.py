@@ -30,6 +30,15 @@ MAX_WIDTH = 32_768
 MAX_CONTEXT = 1 << 20
 MAX_VOCAB = 4_000_000
 MAX_PARAMETERS = 20_000_000_000
+# Options of HF's GPT-2 that change the maths: only these values are implemented. Reading refuses
+# others rather than silently compute something else; writing states them.
+FIXED_OPTIONS = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
 
 
 @dataclass(frozen=True)
@@ -78,11 +87,9 @@ class GPT2Config:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                   f"{name} must be a positive integer, got {value!r}")
-        check(self.n_layer <= MAX_LAYERS, f"n_layer={self.n_layer} is absurd (at most {MAX_LAYERS})")
-        check(self.n_embd <= MAX_WIDTH, f"n_embd={self.n_embd} is absurd (at most {MAX_WIDTH})")
-        check(self.n_positions <= MAX_CONTEXT,
-              f"n_positions={self.n_positions} is absurd (at most {MAX_CONTEXT})")
-        check(self.vocab_size <= MAX_VOCAB, f"vocab_size={self.vocab_size} is absurd (at most {MAX_VOCAB})")
+        for name, limit in (("n_layer", MAX_LAYERS), ("n_embd", MAX_WIDTH), ("n_positions", MAX_CONTEXT),
+                            ("vocab_size", MAX_VOCAB)):
+            check(getattr(self, name) <= limit, f"{name}={getattr(self, name)} is absurd (at most {limit})")
         check(self.n_embd % self.n_head == 0,
               f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_inner is not None:
@@ -110,16 +117,7 @@ class GPT2Config:
         if model_type != "gpt2":
             raise UserError(f"config.json has model_type {model_type!r}; gpt2kids loads GPT-2 models only "
                             "(model_type 'gpt2')")
-        # Options of HF's GPT-2 that change the maths: only these values are implemented; refuse others
-        # rather than silently compute something else.
-        required_values = {
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "add_cross_attention": False,
-            "tie_word_embeddings": True,
-        }
-        for key, supported in required_values.items():
+        for key, supported in FIXED_OPTIONS.items():
             if key in hf and hf[key] != supported:
                 raise UserError(f"config.json sets {key}={hf[key]!r}; gpt2kids supports only {supported!r}")
         known = {f.name for f in fields(cls)}
@@ -136,16 +134,8 @@ class GPT2Config:
 
     def to_hf_dict(self) -> dict[str, Any]:
         config = asdict(self)
-        config.update(
-            model_type="gpt2",
-            architectures=["GPT2LMHeadModel"],
-            n_ctx=self.n_positions,
-            scale_attn_weights=True,
-            scale_attn_by_inverse_layer_idx=False,
-            reorder_and_upcast_attn=False,
-            tie_word_embeddings=True,
-            use_cache=True,
-        )
+        config.update(FIXED_OPTIONS, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
+                      use_cache=True)
         return config
 
     @classmethod

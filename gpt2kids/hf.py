@@ -47,9 +47,13 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def _hub_offline() -> bool:
-    # Read at each call: huggingface_hub reads it once, at import.
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+def hub_offline() -> str | None:
+    """The variable that sets the hub offline here (HF_HUB_OFFLINE, or transformers' TRANSFORMERS_OFFLINE), if any.
+
+    Read at each call: huggingface_hub reads HF_HUB_OFFLINE once, at import.
+    """
+    return next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
@@ -69,7 +73,7 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 def _download(repo_id: str) -> Path:
     """Fetch a hub model's config, tokenizer and weights (safetensors if it has them) into the cache.
 
-    Offline (HF_HUB_OFFLINE=1, or no network) the cached snapshot is used as it is.
+    Offline (`hub_offline`, or no network) the cached snapshot is used as it is.
     """
     try:
         from huggingface_hub import snapshot_download
@@ -78,7 +82,8 @@ def _download(repo_id: str) -> Path:
                         "or pass a local folder") from None
     side_files = ["config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt",
                   "tokenizer_config.json", "special_tokens_map.json"]
-    offline = _hub_offline()
+    offline_switch = hub_offline()
+    offline = offline_switch is not None
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=offline,
                                         allow_patterns=[*side_files, "model*.safetensors",
@@ -95,7 +100,7 @@ def _download(repo_id: str) -> Path:
             return cached
         if offline:
             raise UserError(f"{repo_id!r} is not a local path and is not in the hub cache, and the hub is "
-                            f"offline (HF_HUB_OFFLINE=1); download it once while online, or pass a local "
+                            f"offline ({offline_switch}=1); download it once while online, or pass a local "
                             f"folder; {OFFLINE_DEMO}") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face "

@@ -6,12 +6,12 @@ be complete before anything is sent; nothing local is changed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.errors import UserError
+from gpt2kids.hf import hub_offline
 from gpt2kids.tokenizer import tokenizer_files_in
 
 IGNORED = [".*"]  # hidden files: temporary debris of an interrupted write, editor files
@@ -68,11 +68,9 @@ def check_can_push(repo_id: str) -> str:
     except HFValidationError as error:
         raise UserError(f"{repo_id!r} is not a hub repo id ({error}); use owner/name, e.g. "
                         "yourname/gpt2-indo-kids-stories") from None
-    # Read here: huggingface_hub reads them once, when it is first imported.
-    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-           for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        raise UserError("the Hugging Face hub is offline here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
-                        "unset it and retry")
+    offline_switch = hub_offline()
+    if offline_switch is not None:
+        raise UserError(f"the Hugging Face hub is offline here ({offline_switch} is set); unset it and retry")
     try:
         token = get_token()
     except Exception as error:  # e.g. an OIDC exchange that failed

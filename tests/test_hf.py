@@ -200,11 +200,13 @@ def test_weights_with_missing_keys(tmp_path, reference):
         load_model(tmp_path)
 
 
-def test_hub_id_while_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_hub_id_while_offline(monkeypatch, tmp_path, switch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # tests run with it on; each case turns on its own switch
+    monkeypatch.setenv(switch, "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"hub is offline \(HF_HUB_OFFLINE=1\)"):
+    with pytest.raises(UserError, match=rf"hub is offline \({switch}=1\)"):
         load_model("some-owner/some-model")
 
 
