@@ -132,8 +132,10 @@ def split_stories(stories: list[str], eval_fraction: float, seed: int) -> tuple[
 
 # --- tokenising, with a cache --------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids")) / "tokens"
+def cache_root() -> Path:
+    """Where gpt2kids keeps what it can compute again (token ids, decoding-kernel timings): $GPT2KIDS_CACHE, else
+    ~/.cache/gpt2kids."""
+    return Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids"))
 
 
 def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
@@ -148,7 +150,7 @@ def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
 
 def tokenize_stories(stories: list[str], tokenizer: Tokenizer, use_cache: bool = True) -> torch.Tensor:
     """All stories as one stream of token ids, each story followed by the end-of-text id."""
-    path = cache_dir() / f"{cache_key(stories, tokenizer)}.safetensors"
+    path = cache_root() / "tokens" / f"{cache_key(stories, tokenizer)}.safetensors"
     if use_cache and path.is_file():
         try:
             return load_file(path)["ids"].long()

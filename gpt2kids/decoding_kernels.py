@@ -34,7 +34,7 @@ from torch import nn
 
 from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config
-from gpt2kids.data import ceil_div
+from gpt2kids.data import cache_root, ceil_div
 from gpt2kids.device import DTYPES, bf16_is_fast, check_precision
 from gpt2kids.errors import UserError
 from gpt2kids.hf import empty_model
@@ -301,10 +301,9 @@ def machine() -> dict[str, object]:
 
 
 def cache_file() -> Path:
-    """$GPT2KIDS_CACHE (else ~/.cache/gpt2kids)/decoding-kernels/<hash of `machine()`>.json"""
-    root = Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids"))
+    """`cache_root()`/decoding-kernels/<hash of `machine()`>.json"""
     digest = hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
-    return root / "decoding-kernels" / f"{digest}.json"
+    return cache_root() / "decoding-kernels" / f"{digest}.json"
 
 
 def foreign_share(run: Callable[[], dict]) -> tuple[dict, float]:
