@@ -471,10 +471,11 @@ def report_where_things_are(run: Run, seconds: float) -> None:
 
 
 def push_export(run: Run) -> None:
+    from gpt2kids.push import export_folder
     from gpt2kids.push import push_export as push
 
-    which = run.folder / ("best" if (run.folder / "best").is_dir() else "final")
     try:
+        which = export_folder(run.folder)  # best/, else final/
         url = push(which, run.config.push_to_hub, private=run.config.private)
     except UserError as error:
         raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {run.folder} "
