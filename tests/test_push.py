@@ -181,3 +181,17 @@ def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path,
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no Hugging Face token" in lines[0], result.stderr
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_a_finished_run_with_push_to_hub_uploads_its_best_export(tmp_path, init_folder, corpus, hub, capsys):
+    from conftest import config_for
+
+    from gpt2kids.training import train
+
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=1, push_to_hub="me/kids", private=True))
+    assert progress.finished
+    [(_, create), (_, upload)] = hub
+    assert create["repo_id"] == "me/kids" and create["private"] is True
+    assert Path(upload["folder_path"]) == out / "best"  # best/, not final/
+    assert f"pushed {out / 'best'} to https://huggingface.co/me/kids" in capsys.readouterr().err
