@@ -10,13 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO
+from conftest import REPO, config_for
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
 
 from gpt2kids.errors import UserError
 from gpt2kids.push import export_folder, push_export
+from gpt2kids.training import train
 
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
                 "loss.svg")
@@ -184,10 +185,6 @@ def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path,
 
 
 def test_a_finished_run_with_push_to_hub_uploads_its_best_export(tmp_path, init_folder, corpus, hub, capsys):
-    from conftest import config_for
-
-    from gpt2kids.training import train
-
     out = tmp_path / "run"
     progress = train(config_for(init_folder, corpus, out, epochs=1, push_to_hub="me/kids", private=True))
     assert progress.finished
