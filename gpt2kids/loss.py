@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from gpt2kids.data import ceil_div
 from gpt2kids.model import IGNORE_INDEX
 
 # Elements of fp32 logits per chunk (2**25 is 128 MB): big enough for efficient matmuls.
@@ -50,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows, vocab = h.shape[0], w.shape[0]
         wants_gradients = want_grad_h or want_grad_w
         # Equal chunks: 2048 tokens at <= 667 per chunk are 4 x 512, not 3 x 667 + a thin 47-row matmul.
-        chunk_tokens = max(1, ceil_div(rows, max(1, ceil_div(rows, chunk_tokens))))
+        chunk_tokens = max(1, math.ceil(rows / max(1, math.ceil(rows / chunk_tokens))))
         # One set of buffers, reused by every chunk: fresh chunk-sized tensors would each be page-faulted
         # in anew (glibc returns blocks this big to the OS when they are freed).
         scores = torch.empty(min(chunk_tokens, rows), vocab, dtype=dtype, device=h.device)  # matmul outputs
