@@ -35,8 +35,9 @@ from collections.abc import Callable
 import torch
 from benchutil import machine, synchronize
 
+from gpt2kids.config import GPT2Config as OurConfig
 from gpt2kids.decode_loop import generate
-from gpt2kids.decoding_kernels import optimize_for_decoding
+from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_inference
 from gpt2kids.device import resolve_device
 from gpt2kids.hf import load_model
 from gpt2kids.logits_processors import SamplingSettings
@@ -156,6 +157,21 @@ def table(rows: list[dict], rate: float) -> str:
     return "\n".join(lines)
 
 
+def auto_check(rows: list[dict], picked: str) -> str:
+    """What `--precision auto` picks here, against the rates measured in both dtypes: it must never decode
+    slower than fp32 (issue 13). Batches and modes measured in only one dtype are left out."""
+    rate = {(row["batch"], row["mode"], row["dtype"]): row["ours"] for row in rows}
+    cases = sorted({(batch, mode) for batch, mode, _ in rate if all((batch, mode, d) in rate for d in DTYPES)})
+    if not cases:
+        return f"--precision auto picks {picked} here (run with --dtype both to compare it with fp32)"
+    ratio = {case: rate[(*case, picked)] / rate[(*case, "fp32")] for case in cases}
+    figures = "; ".join(f"batch {batch} {mode} {ratio[batch, mode]:.2f}x ({rate[batch, mode, picked]:.1f} against "
+                        f"{rate[batch, mode, 'fp32']:.1f} tok/s)" for batch, mode in cases)
+    slower = [f"batch {batch} {mode}" for (batch, mode), value in ratio.items() if value < 1]
+    verdict = f"slower than fp32 at {', '.join(slower)}" if slower else "not slower than fp32 in any row"
+    return f"--precision auto picks {picked} here; its rate over fp32's: {figures}; {verdict}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
@@ -192,6 +208,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         GPT2LMHeadModel(config).save_pretrained(folder)
+        # What generate.py's --precision auto would hold the weights in (measured and cached on first use).
+        auto = weights_dtype_for_inference("auto", device, OurConfig.from_json_file(f"{folder}/config.json"))
         for dtype_name in DTYPES if args.dtype == "both" else [args.dtype]:
             rows += bench_dtype(folder, dtype_name, prompts, eos, args, bandwidth)
     rows.sort(key=lambda row: (row["batch"], row["dtype"], row["mode"] != "greedy"))
@@ -206,6 +224,7 @@ def main() -> None:
           f"(median of {len(bandwidth.samples)} measurements, {min(bandwidth.samples) / 1e9:.1f}-"
           f"{max(bandwidth.samples) / 1e9:.1f})\n")
     print(table(rows, rate))
+    print("\n" + auto_check(rows, {dtype: name for name, dtype in DTYPES.items()}[auto]))
 
 
 if __name__ == "__main__":
