@@ -16,7 +16,8 @@
 #   train     python bench/train_step.py --device cuda --compile (GPT-2 Small, 4 x 512); its MFU uses a
 #             3072^3 matmul as the roof, so the summary also gives MFU against the peak measured above
 #   generate  python bench/generate.py --device cuda --repeats 2 (batch 1 and 8, fp32 and bf16; on a
-#             dedicated GPU two interleaved rounds suffice)
+#             dedicated GPU two interleaved rounds suffice); the summary adds what --precision auto
+#             picks and whether it decoded slower than fp32 in any row
 #   finetune  python train.py --init <a random GPT-2 Small saved with transformers here, with a BPE
 #             trained on the bundled stories> --data <the bundled stories repeated to ~860 KB, the size
 #             of the published run's corpus> --epochs 10 --device cuda, timed end to end
@@ -191,7 +192,8 @@ GENERATE_ARGS=(--device "$DEVICE" --repeats 2)
 run_step generate 300 "$PYTHON" bench/generate.py "${GENERATE_ARGS[@]}"
 figure "$(awk -F'|' '$2 ~ /^ *[0-9]+ *$/ && $4 ~ /greedy/ {
     gsub(/ /, "", $2); gsub(/ /, "", $3); gsub(/ /, "", $5); gsub(/ /, "", $6)
-    printf "%sbatch %s %s greedy %s vs %s tok/s", sep, $2, $3, $5, $6; sep = "; " }' "$WORK/logs/generate.log")"
+    printf "%sbatch %s %s greedy %s vs %s tok/s", sep, $2, $3, $5, $6; sep = "; " }' "$WORK/logs/generate.log")$(
+    sed -n 's/^--precision auto picks \([a-z0-9]*\) here.*; \([^;]*\)$/; --precision auto: \1, \2/p' "$WORK/logs/generate.log")"
 
 # --- a timed fine-tune of GPT-2 Small shapes on a corpus of the published run's size ---------------
 
