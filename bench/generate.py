@@ -20,6 +20,7 @@ with transformers in whichever dtype transformers decoded that batch and mode fa
     python bench/generate.py [--dtype fp32|bf16|both] [--repeats 3] [--threads N] [--device auto|cpu|cuda]
                              [--new-tokens 200] [--batch 8] [--batch-new-tokens 100] [--short-tokens 20]
                              [--kernel NAME]   # force one decoding kernel (see gpt2kids.decoding_kernels)
+                             [--compile]       # gpt2kids' decode step compiled (generate.py --compile)
                              [--model-size small|tiny]
 """
 
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import torch
 from benchutil import machine, synchronize
 
+from gpt2kids.compiled_decoding import compile_decode_step
 from gpt2kids.config import GPT2Config as OurConfig
 from gpt2kids.decode_loop import generate
 from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_inference
@@ -95,7 +97,10 @@ def bench_dtype(folder: str, dtype_name: str, prompts: dict[int, torch.Tensor], 
     reference.generation_config.eos_token_id = None
     ours, _ = load_model(folder, device, dtype)
     weight_bytes = ours.num_parameters() * torch.finfo(dtype).bits // 8  # read once per step
-    optimize_for_decoding(ours, args.kernel)  # what generate.py does after loading
+    if args.compile:  # each batch size compiles in the untimed warm-up run
+        compile_decode_step(ours)
+    else:
+        optimize_for_decoding(ours, args.kernel)  # what generate.py does after loading
     rows = []
     for batch, batch_prompts in prompts.items():
         batch_prompts = batch_prompts.to(device)
@@ -184,6 +189,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=20)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--kernel", default=None, help="force one decoding kernel, e.g. linear, mv, bag, split/cols")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile gpt2kids' decode step, as generate.py --compile (transformers stays eager)")
     parser.add_argument("--model-size", default="small", choices=tuple(SIZES),
                         help="tiny: 4 layers, 256 wide, vocabulary 8000, for smoke runs of this script")
     args = parser.parse_args()
@@ -216,7 +223,8 @@ def main() -> None:
 
     rate = bandwidth.median()
     model_name = "GPT-2 Small (124M)" if args.model_size == "small" else "the tiny model (4 x 256)"
-    print(f"\n{machine(device)}\n{model_name}, {args.prompt_tokens}-token prompts; rates from "
+    compiled = "; gpt2kids with its decode step compiled (--compile), transformers eager" if args.compile else ""
+    print(f"\n{machine(device)}\n{model_name}{compiled}, {args.prompt_tokens}-token prompts; rates from "
           f"{args.short_tokens}- vs {args.short_tokens + args.new_tokens}-token runs at batch 1"
           + (f" and {args.short_tokens}- vs {args.short_tokens + args.batch_new_tokens}-token runs at batch "
              f"{args.batch} (tokens of all rows)" if args.batch > 1 else "")

@@ -17,6 +17,9 @@ from gpt2kids.model import GPT2, KVCache, build_mask
 # Called after each step with one entry per output row: the row's new token, or None when the row
 # produced nothing (it had already finished, or it has just produced end-of-text).
 StepCallback = Callable[[list[int | None]], None]
+# (input ids, cache, mask, positions) -> the next token's fp32 logits: `next_token_logits` bound to a model,
+# or the compiled step of `gpt2kids.compiled_decoding`.
+DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: int) -> tuple[list[int], bool]:
@@ -63,11 +66,20 @@ class PromptBatch:
         return self.key_padding.bool()[:, None, None, :self.width + step + 1], self.lengths + step
 
 
-def next_token_scores(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
+def next_token_logits(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
                       positions: torch.Tensor | None) -> torch.Tensor:
     """fp32 logits of the token after the last one of each row (the processors work in fp32)."""
     hidden = model.hidden_states(input_ids, positions, mask, cache)
-    scores = model.lm_head(hidden[:, -1]).float()
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def next_token_scores(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
+                      positions: torch.Tensor | None, step: DecodeStep | None = None) -> torch.Tensor:
+    """`next_token_logits` (or `step`'s), checked to be finite."""
+    if step is None:
+        scores = next_token_logits(model, input_ids, cache, mask, positions)
+    else:
+        scores = step(input_ids, cache, mask, positions)
     if not bool(scores.sum().isfinite()):  # one sum, not a check per score: a decode step does it
         raise UserError("the model computed scores that are not finite (NaN or infinity): its weights are damaged, "
                         "or its activations overflow in this precision; try --precision fp32")
@@ -100,6 +112,7 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
     cache_dtype = getattr(model, "kv_cache_dtype", model.transformer.wte.weight.dtype)  # see hold_kv_cache_in
     cache = KVCache(config, len(rows), total_length, device, cache_dtype)
     processors = LogitsProcessors(settings, rows, config.vocab_size, device)
+    decode_step = getattr(model, "compiled_decode_step", None)  # see gpt2kids.compiled_decoding
 
     scores = next_token_scores(model, batch.input_ids, cache, *batch.prefill_inputs())
     outputs: list[list[int]] = [[] for _ in rows]
@@ -118,5 +131,5 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
         if step == steps - 1 or all(token is None for token in reported):
             break
         processors.add(tokens)
-        scores = next_token_scores(model, tokens[:, None], cache, *batch.step_inputs(step))
+        scores = next_token_scores(model, tokens[:, None], cache, *batch.step_inputs(step), decode_step)
     return outputs

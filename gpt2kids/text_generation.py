@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2kids.compiled_decoding import compile_decode_step
 from gpt2kids.config import GPT2Config
 from gpt2kids.data import jsonl_field
 from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
@@ -81,13 +82,16 @@ class StoryGenerator:
                             f"{self.model.config.vocab_size}; the tokenizer and the model do not belong together")
 
     @classmethod
-    def load(cls, spec: str | Path, device_name: str = "auto", precision: str = "auto") -> StoryGenerator:
-        """Load `spec` (a run folder, export, HF folder or hub id) with weights laid out for decoding."""
+    def load(cls, spec: str | Path, device_name: str = "auto", precision: str = "auto",
+             compile_step: bool = False) -> StoryGenerator:
+        """Load `spec` (a run folder, export, HF folder or hub id) with weights laid out for decoding, or
+        with its decode step compiled (`compile_step`)."""
         device = resolve_device(device_name)
         folder = resolve(spec)  # first, so that a bad --model is the only line on stderr
         dtype = weights_dtype_for_inference(precision, device, GPT2Config.from_json_file(folder / "config.json"))
         model, folder = load_model(folder, device, dtype)
-        return cls(optimize_for_decoding(model), load_tokenizer(folder))
+        model = compile_decode_step(model) if compile_step else optimize_for_decoding(model)
+        return cls(model, load_tokenizer(folder))
 
     @property
     def description(self) -> str:

@@ -65,6 +65,14 @@ def test_greedy_and_empty_prompt(model_folder):
     assert jsonl(run(*args)) == records
 
 
+def test_compile_decodes_the_tokens_of_the_eager_model(model_folder):
+    args = ["Sari pergi", "--model", str(model_folder), "--greedy", "--format", "jsonl", "--max-new-tokens", "12",
+            "--precision", "fp32"]
+    compiled = run(*args, "--compile")
+    assert "compiled the decode step in" in compiled.stderr
+    assert jsonl(compiled) == jsonl(run(*args))
+
+
 def transformers_greedy(model_folder, prompt_ids, dtype, steps):
     """transformers' greedy tokens and each step's logits (fp32 copies)."""
     from transformers import GPT2LMHeadModel
