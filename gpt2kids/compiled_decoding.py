@@ -25,6 +25,7 @@ from gpt2kids.model import GPT2, KVCache
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 GPU_OPTIONS = {"freezing": True}
 WARM_UP_PROMPT = 2  # cached tokens when compiling: not 0 or 1, which torch.compile would specialise on
+WARM_UP_ROOM = 8  # the warm-up's cache has room to spare, as a decode step's has
 
 
 def compile_decode_step(model: GPT2) -> GPT2:
@@ -47,6 +48,10 @@ def compile_decode_step(model: GPT2) -> GPT2:
 
     def compiled_step(input_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
                       positions: torch.Tensor | None) -> torch.Tensor:
+        if cache.length + input_ids.shape[1] == cache.layers[0].keys.shape[2]:
+            # The step that fills the cache (only at the end of the context) would be another graph, whose
+            # whole-cache views are contiguous: not worth a compile, it runs eager.
+            return next_token_logits(model, input_ids, cache, mask, positions)
         # Dynamo decides whether to freeze the weights while tracing, and any call may trace (a new batch
         # size): the options hold around every call (torch.compile's own `options` come too late).
         with torch._inductor.config.patch(options):
@@ -55,11 +60,12 @@ def compile_decode_step(model: GPT2) -> GPT2:
     start = time.perf_counter()
     print(f"compiling the decode step on {device} (a minute or so the first time)", file=sys.stderr, flush=True)
     with torch.inference_mode():
-        cache = KVCache(model.config, 1, WARM_UP_PROMPT + 1, device, getattr(model, "kv_cache_dtype", dtype))
-        ids = torch.zeros(1, WARM_UP_PROMPT, dtype=torch.long, device=device)
-        next_token_logits(model, ids, cache, None, None)
+        room = min(WARM_UP_PROMPT + WARM_UP_ROOM, model.config.n_positions)
+        cache = KVCache(model.config, 1, room, device, getattr(model, "kv_cache_dtype", dtype))
+        next_token_logits(model, torch.zeros(1, WARM_UP_PROMPT, dtype=torch.long, device=device), cache, None, None)
+        token = torch.zeros(1, dtype=torch.long, device=device)
         try:
-            compiled_step(ids[:, :1], cache, None, None)
+            compiled_step(token[:, None], cache, None, None)  # as generate feeds tokens: its strides too
         except Exception as error:  # e.g. no C++ compiler: inductor's own message is pages long
             summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise UserError(f"--compile failed ({summary}); run without --compile (inductor on CPU needs a C++ "

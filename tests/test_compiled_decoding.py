@@ -61,6 +61,10 @@ def test_compiled_step_gives_the_eager_logits_and_greedy_tokens_in_fp32(capfd):
     plain, compiled = plain_and_compiled(torch.float32)
     assert "compiled the decode step in" in capfd.readouterr().err
     settings = SamplingSettings(max_new_tokens=12, greedy=True)
+    with torch.compiler.set_stance("fail_on_recompile"):  # one prompt runs the graph compiled at load
+        tokens, _ = recorded_steps(compiled, [[3, 4, 5]], settings)
+        # Up to a full context: the step that fills the cache runs eager instead of compiling again.
+        recorded_steps(compiled, [[3, 4, 5]], SamplingSettings(max_new_tokens=ONE_LAYER["n_positions"], greedy=True))
     for prompts in ([[3, 4, 5]], [[3, 4, 5], [7], [9, 8]]):  # one row; a padded batch (compiled on first use)
         tokens, logits = recorded_steps(compiled, prompts, settings)
         eager_tokens, eager_logits = recorded_steps(plain, prompts, settings)
