@@ -1,4 +1,5 @@
-"""The CUDA paths: HF parity, training steps in bf16 and fp16, --compile, greedy decoding against transformers.
+"""The CUDA paths: HF parity, training steps in bf16 and fp16, --compile, greedy decoding against transformers,
+the compiled decode step.
 
 Marked `cuda` and deselected by default (pyproject's addopts: -m "not cuda"), so CPU runs neither
 run nor skip them. Run them on a GPU with `pytest -m cuda tests/test_cuda.py` (bench/cuda_check.sh does).
@@ -131,3 +132,22 @@ def test_greedy_generate_py_on_cuda_gives_the_tokens_of_transformers(model_folde
     new = [token for token in out[0, ids.shape[1]:].tolist() if token != tokenizer.eos_id]
     assert len(new) >= 10  # a real continuation, not an early end-of-text
     assert record["completion"] == tokenizer.decode(new)
+
+
+def test_compiled_decode_step_on_cuda_gives_the_eager_logits_and_greedy_tokens():
+    from gpt2kids.compiled_decoding import compile_decode_step
+    from gpt2kids.config import GPT2Config
+    from gpt2kids.decode_loop import generate
+    from gpt2kids.logits_processors import SamplingSettings
+    from gpt2kids.model import GPT2
+
+    torch.manual_seed(3)
+    plain = GPT2(GPT2Config(**CONFIG)).to(CUDA).eval()
+    compiled = GPT2(GPT2Config(**CONFIG)).to(CUDA)
+    compiled.load_state_dict(plain.state_dict())
+    compile_decode_step(compiled)
+    settings = SamplingSettings(max_new_tokens=20, greedy=True)
+    eos = CONFIG["vocab_size"] - 1
+    with torch.compiler.set_stance("fail_on_recompile"):  # one prompt runs the graph compiled at load
+        tokens = generate(compiled, [[3, 4, 5]], settings, eos, stop_at_eos=False)
+    assert tokens == generate(plain, [[3, 4, 5]], settings, eos, stop_at_eos=False)
