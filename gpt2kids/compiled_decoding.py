@@ -3,6 +3,8 @@
 A decode step multiplies one row per sequence by every weight. With the weights frozen into the
 graph as constants, inductor's C++ GEMM template can lay each one out for those products, and
 max-autotune times its kernels against ATen's on this machine while compiling, keeping the faster.
+On CPU the one query's attention is written out (`OneQueryAttention`), so that inductor makes loops
+over the KV cache of it instead of calling SDPA.
 It costs a compile (tens of seconds on a small CPU) when the model loads, so it is for long sessions:
 `--serve`, `--interactive`, large prompt files. Only one-token steps run compiled; the prompt's
 forward stays eager, and so does everything after the logits (sampling, the finite check).
@@ -10,6 +12,7 @@ forward stays eager, and so does everything after the logits (sampling, the fini
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -19,13 +22,27 @@ from gpt2kids.decode_loop import next_token_logits
 from gpt2kids.decoding_kernels import AttentionShape, choose_kernels, hold_kv_cache_in
 from gpt2kids.device import DTYPES
 from gpt2kids.errors import UserError
-from gpt2kids.model import GPT2, KVCache
+from gpt2kids.model import GPT2, CausalSelfAttention, KVCache
 
 # The C++ GEMM template needs the weights as constants (freezing); ATen stays a candidate.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 GPU_OPTIONS = {"freezing": True}
 WARM_UP_PROMPT = 2  # cached tokens when compiling: not 0 or 1, which torch.compile would specialise on
 WARM_UP_ROOM = 8  # the warm-up's cache has room to spare, as a decode step's has
+
+
+class OneQueryAttention(CausalSelfAttention):
+    """Attention with one query per row written out as products, a softmax and a sum over the cache, which
+    inductor turns into loops over the keys (SDPA is one opaque call, slower for a single query on CPU);
+    the query is cast to the KV cache's dtype and the result back, as `WideCacheAttention` does."""
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if q.shape[2] != 1:  # the prompt's forward
+            return super().attention(q.to(k.dtype), k, v, mask).to(q.dtype)
+        scores = (q.to(k.dtype) * k).sum(-1) / math.sqrt(k.shape[-1])  # (B, H, S)
+        if mask is not None:  # (B, 1, 1, S): the keys each row may see
+            scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
+        return (scores.softmax(-1)[..., None] * v).sum(-2, keepdim=True).to(q.dtype)
 
 
 def compile_decode_step(model: GPT2) -> GPT2:
@@ -39,6 +56,8 @@ def compile_decode_step(model: GPT2) -> GPT2:
         attention = AttentionShape(model.config.n_head, model.config.head_dim)
         kernels = choose_kernels({attention: model.config.n_layer}, dtype)[attention]  # "ONE/MORE": dtype names
         hold_kv_cache_in(model, DTYPES[kernels.split("/")[0]])
+        for block in model.transformer.h:
+            block.attn.__class__ = OneQueryAttention  # a subclass that only computes: the module keeps its state
 
     def step(input_ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
              positions: torch.Tensor | None) -> torch.Tensor:
