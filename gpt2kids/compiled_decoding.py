@@ -48,6 +48,8 @@ class OneQueryAttention(CausalSelfAttention):
 def compile_decode_step(model: GPT2) -> GPT2:
     """Compile `model`'s one-token decode step now (for batch 1; another batch size compiles on first use)
     and have `generate` use it (`model.compiled_decode_step`); returns the model in eval mode."""
+    import torch._inductor.config  # here, not at the top: generate.py without --compile never loads inductor
+
     model.eval()  # decoding only: no dropout
     device = model.transformer.wte.weight.device
     options = CPU_OPTIONS if device.type == "cpu" else GPU_OPTIONS

@@ -48,13 +48,17 @@ def step_logits(model: GPT2, ids: torch.Tensor) -> list[torch.Tensor]:
 
 def recorded_steps(model: GPT2, prompts: list[list[int]], settings: SamplingSettings) -> tuple[list, list]:
     """(the new tokens, the logits of every decode step) of `generate`, through the step it would use."""
-    step = getattr(model, "compiled_decode_step", None) or (lambda *inputs: next_token_logits(model, *inputs))
+    compiled = getattr(model, "compiled_decode_step", None)
+    step = compiled or (lambda *inputs: next_token_logits(model, *inputs))
     logits = []
     model.compiled_decode_step = lambda *inputs: logits.append(step(*inputs)) or logits[-1]
     try:
         return generate(model, prompts, settings, EOS, stop_at_eos=False), logits
     finally:
-        model.compiled_decode_step = step
+        if compiled is None:
+            del model.compiled_decode_step
+        else:
+            model.compiled_decode_step = compiled
 
 
 def test_compiled_step_gives_the_eager_logits_and_greedy_tokens_in_fp32(capfd):
