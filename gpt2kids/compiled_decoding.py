@@ -19,10 +19,15 @@ import time
 import torch
 
 from gpt2kids.decode_loop import next_token_logits
-from gpt2kids.decoding_kernels import AttentionShape, choose_kernels, hold_kv_cache_in
-from gpt2kids.device import DTYPES
+from gpt2kids.decoding_kernels import (
+    AttentionShape,
+    WideCacheAttention,
+    choose_kernels,
+    hold_kv_cache_in,
+    kv_cache_dtype,
+)
 from gpt2kids.errors import UserError
-from gpt2kids.model import GPT2, CausalSelfAttention, KVCache
+from gpt2kids.model import GPT2, KVCache
 
 # The C++ GEMM template needs the weights as constants (freezing); ATen stays a candidate.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
@@ -31,14 +36,14 @@ WARM_UP_PROMPT = 2  # cached tokens when compiling: not 0 or 1, which torch.comp
 WARM_UP_ROOM = 8  # the warm-up's cache has room to spare, as a decode step's has
 
 
-class OneQueryAttention(CausalSelfAttention):
+class OneQueryAttention(WideCacheAttention):
     """Attention with one query per row written out as products, a softmax and a sum over the cache, which
     inductor turns into loops over the keys (SDPA is one opaque call, slower for a single query on CPU);
-    the query is cast to the KV cache's dtype and the result back, as `WideCacheAttention` does."""
+    the query is cast to the KV cache's dtype and the result back, as in `WideCacheAttention`."""
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if q.shape[2] != 1:  # the prompt's forward
-            return super().attention(q.to(k.dtype), k, v, mask).to(q.dtype)
+            return super().attention(q, k, v, mask)
         scores = (q.to(k.dtype) * k).sum(-1) / math.sqrt(k.shape[-1])  # (B, H, S)
         if mask is not None:  # (B, 1, 1, S): the keys each row may see
             scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
@@ -56,8 +61,7 @@ def compile_decode_step(model: GPT2) -> GPT2:
     dtype = model.transformer.wte.weight.dtype
     if device.type == "cpu":  # the KV cache's dtype, by the measurement optimize_for_decoding makes too
         attention = AttentionShape(model.config.n_head, model.config.head_dim)
-        kernels = choose_kernels({attention: model.config.n_layer}, dtype)[attention]  # "ONE/MORE": dtype names
-        hold_kv_cache_in(model, DTYPES[kernels.split("/")[0]])
+        hold_kv_cache_in(model, kv_cache_dtype(choose_kernels({attention: model.config.n_layer}, dtype)[attention]))
         for block in model.transformer.h:
             block.attn.__class__ = OneQueryAttention  # a subclass that only computes: the module keeps its state
 

@@ -199,6 +199,11 @@ class WideCacheAttention(CausalSelfAttention):
         return super().attention(q.to(k.dtype), k, v, mask).to(q.dtype)
 
 
+def kv_cache_dtype(kernels: str) -> torch.dtype:
+    """The KV cache's dtype for one row as chosen for an `AttentionShape`, whose "ONE/MORE" names dtypes."""
+    return DTYPES[kernels.split("/")[0]]
+
+
 def hold_kv_cache_in(model: GPT2, dtype: torch.dtype) -> None:
     """Have `generate` keep `model`'s KV cache in `dtype` (`model.kv_cache_dtype`), its attention to match."""
     model.kv_cache_dtype = dtype
@@ -407,7 +412,7 @@ def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
             module = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
             setattr(parent, name, module)
         attention = AttentionShape(model.config.n_head, model.config.head_dim)
-        cache_dtype = DTYPES[chosen[attention].split("/")[0]]
+        cache_dtype = kv_cache_dtype(chosen[attention])
     else:  # a GPU's kernels read row-major weights fastest
         for linear in (getattr(parent, name) for parent, name in shapes):
             linear.weight.data = linear.weight.data.contiguous()
