@@ -102,7 +102,7 @@ def main(argv: Sequence[str]) -> int:
     print(f"model: {folder}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too
     generator = StoryGenerator.load(folder, args.device, args.precision, args.compile)
     print(f"loaded on {generator.description}", file=sys.stderr)
-    if settings.max_new_tokens >= generator.model.config.n_positions:
+    if settings.max_new_tokens > generator.model.config.n_positions:  # a one-token prompt and N new take N positions
         print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
               f"{generator.model.config.n_positions}; generation stops when the context is full", file=sys.stderr)
     if args.serve:

@@ -26,11 +26,12 @@ def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: in
     """The prompt the model will see, and whether it was cut.
 
     An empty prompt starts from end-of-text (what GPT-2 saw before every document). A prompt that
-    leaves no room for `max_new_tokens` keeps its last tokens, but at least one.
+    leaves no room for `max_new_tokens` keeps its last tokens, but at least one. The last new token is
+    never fed back, so P prompt tokens and N new ones take P + N - 1 positions.
     """
     if not ids:
         return [eos_id], False
-    keep = max(1, context - max_new_tokens)
+    keep = max(1, context - max_new_tokens + 1)
     return list(ids[-keep:]), len(ids) > keep
 
 

@@ -69,6 +69,7 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     settings.validate()
     story = StoryGenerator(model, tokenizer)
     ids = story.encode([prompt], settings.max_new_tokens, warn)
+    generator = story.random_numbers(seed)  # a bad seed is refused here, before the worker starts
     updates: queue.Queue[object] = queue.Queue()
     stop = threading.Event()
 
@@ -80,7 +81,7 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     def work() -> None:
         try:
             with _DECODE_LOCK:
-                story.decode(ids, settings, seed, on_tokens)
+                story.decode(ids, settings, generator, on_tokens)
         except _Cancelled:
             pass
         except BaseException as error:  # handed to the reading thread, which raises it

@@ -54,9 +54,11 @@ def read_prompts_file(path: str) -> list[str]:
             raise UserError(f"--prompts-file {path} does not exist; pass a file of prompts, one per line") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"--prompts-file {path} cannot be read as UTF-8 text ({error})") from None
+    text = text.replace("\r\n", "\n")
     if path.endswith(".jsonl"):
-        return jsonl_field(text.replace("\r\n", "\n"), "prompt", name)
-    return [line for line in text.splitlines() if line.strip()]
+        return jsonl_field(text, "prompt", name)
+    # Lines end at "\n" only: str.splitlines would also cut a prompt at form feeds and Unicode separators.
+    return [line for line in text.split("\n") if line.strip()]
 
 
 def check_prompt_text(prompts: Sequence[str], first_number: int = 1) -> None:
@@ -114,31 +116,35 @@ class StoryGenerator:
                      f"context of {context} only its last {len(fitted)} are used")
         return encoded
 
-    def decode(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None = None,
-               on_tokens: StepCallback | None = None) -> list[list[int]]:
-        """New token ids for each prompt (`settings.num_return_sequences` each, in order)."""
+    def random_numbers(self, seed: int | None) -> torch.Generator | None:
+        """The generator sampling draws from: seeded, or None for torch's global one."""
         check_seed(seed)
         device = self.model.transformer.wte.weight.device
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    def decode(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
+               generator: torch.Generator | None = None, on_tokens: StepCallback | None = None) -> list[list[int]]:
+        """New token ids for each prompt (`settings.num_return_sequences` each, in order)."""
         return generate(self.model, prompts, settings, self.tokenizer.eos_id, generator, on_tokens)
 
     def write_stories(self, prompts: Sequence[str], settings: SamplingSettings, output_format: str,
                       seed: int | None) -> int:
         """Print the stories of `prompts` on stdout, a batch at a time; returns the number of new tokens."""
+        generator = self.random_numbers(seed)  # one for every batch: a later batch draws on, it does not repeat
         produced = 0
         for start in range(0, len(prompts), PROMPTS_PER_BATCH):
             batch = prompts[start:start + PROMPTS_PER_BATCH]
             ids = self.encode(batch, settings.max_new_tokens, first_number=start + 1)
             rows = [prompt for prompt in batch for _ in range(settings.num_return_sequences)]
             if output_format == "jsonl":
-                completions = self.decode(ids, settings, seed)
+                completions = self.decode(ids, settings, generator)
                 write_jsonl(self.tokenizer, rows, completions, sys.stdout)
             else:
                 if start > 0:
                     sys.stdout.write("\n")
                 stream = TextStream(self.tokenizer, rows, sys.stdout)
                 try:
-                    completions = self.decode(ids, settings, seed, stream)
+                    completions = self.decode(ids, settings, generator, stream)
                 except UserError:
                     sys.stdout.write("\n")  # the streamed line ends, so the error line starts on its own
                     raise

@@ -181,5 +181,18 @@ def test_empty_prompt_starts_from_eos():
 def test_fit_prompt():
     assert fit_prompt([], 64, 10, EOS) == ([EOS], False)
     assert fit_prompt([1, 2, 3], 64, 10, EOS) == ([1, 2, 3], False)
-    assert fit_prompt(list(range(60)), 64, 10, EOS) == (list(range(6, 60)), True)
+    # The last new token is never fed back: 55 prompt tokens and 10 new ones take 64 positions.
+    assert fit_prompt(list(range(55)), 64, 10, EOS) == (list(range(55)), False)
+    assert fit_prompt(list(range(60)), 64, 10, EOS) == (list(range(5, 60)), True)
     assert fit_prompt(list(range(60)), 64, 100, EOS) == ([59], True)  # always keeps one token
+
+
+def test_a_prompt_that_just_fits_the_context_decodes_as_in_transformers(pair):
+    reference, ours = pair
+    context, new_tokens = TINY["n_positions"], 6
+    prompt = torch.randint(0, EOS, (1, context - new_tokens + 1))  # fills the context with the last token fed
+    with torch.no_grad():
+        expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                      max_new_tokens=new_tokens, pad_token_id=EOS, eos_token_id=EOS)
+    got = generate(ours, [prompt[0].tolist()], SamplingSettings(max_new_tokens=new_tokens, greedy=True), EOS)
+    assert got == [up_to_eos(expected[0, prompt.shape[1]:].tolist())]

@@ -27,7 +27,7 @@ def run(*args: str, cwd: Path = REPO, stdin: str | None = None, **env: str) -> s
 
 def jsonl(result: subprocess.CompletedProcess) -> list[dict]:
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return [json.loads(line) for line in result.stdout.split("\n") if line]  # JSON Lines end at "\n" only
 
 
 def test_jsonl_records_and_seed_repeats(model_folder):
@@ -144,7 +144,25 @@ def test_long_prompt_keeps_its_end_with_a_warning(model_folder):
                  "--format", "jsonl")
     records = jsonl(result)
     assert len(records) == 1
-    assert "warning: prompt 1 has" in result.stderr and "last 54" in result.stderr
+    assert "warning: prompt 1 has" in result.stderr and "last 55" in result.stderr  # 55 + 10 - 1 = 64 positions
+
+
+@pytest.mark.parametrize("new_tokens, warns", [("64", False), ("65", True)])
+def test_max_new_tokens_beyond_the_context_warns(model_folder, new_tokens, warns):
+    # A one-token prompt and 64 new tokens take 64 positions: the context of the test model.
+    result = run("", "--model", str(model_folder), "--max-new-tokens", new_tokens, "--format", "jsonl", "--greedy")
+    assert result.returncode == 0, result.stderr
+    assert ("does not fit the context of 64" in result.stderr) == warns
+
+
+def test_a_seeded_prompts_file_draws_on_from_one_batch_to_the_next(model_folder, tmp_path):
+    # 32 copies of one prompt are decoded in two batches of 16: the second must not replay the first's draws.
+    (tmp_path / "prompts.txt").write_text("Pada suatu hari\n" * 32)
+    args = ["--model", str(model_folder), "--prompts-file", str(tmp_path / "prompts.txt"), "--format", "jsonl",
+            "--max-new-tokens", "8", "--seed", "1", "--precision", "fp32"]
+    completions = [record["completion"] for record in jsonl(run(*args))]
+    assert completions[16:] != completions[:16]
+    assert completions == [record["completion"] for record in jsonl(run(*args))]  # same seed, same text
 
 
 def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, tmp_path):
@@ -273,10 +291,11 @@ def test_prompts_file_gives_one_record_per_prompt_in_order(model_folder, tmp_pat
 
 
 def test_prompts_from_a_text_file_and_standard_input_add_to_the_arguments(model_folder, tmp_path):
-    (tmp_path / "prompts.txt").write_text("Satu\n\nDua\n", encoding="utf-8")
+    # A form feed or a Unicode line separator inside a line does not end it: lines end at newlines only.
+    (tmp_path / "prompts.txt").write_text("Satu\r\n\nDua\x0cdan\u2028tiga\n", encoding="utf-8")
     common = ["--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "2"]
     records = jsonl(run("Nol", *common, "--prompts-file", str(tmp_path / "prompts.txt")))
-    assert [record["prompt"] for record in records] == ["Nol", "Satu", "Dua"]
+    assert [record["prompt"] for record in records] == ["Nol", "Satu", "Dua\x0cdan\u2028tiga"]
     piped = run(*common, "--prompts-file", "-", stdin="Tiga\nEmpat\n")
     assert [record["prompt"] for record in jsonl(piped)] == ["Tiga", "Empat"]
 

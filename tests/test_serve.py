@@ -347,7 +347,7 @@ def test_a_prompt_too_long_for_the_context_keeps_its_end_with_a_warning(byte_tok
     warnings: list[str] = []
     settings = SamplingSettings(max_new_tokens=4, greedy=True)
     shown = list(stream_story(small_model, byte_tokenizer, "x" * 100, settings, warn=warnings.append))
-    assert warnings == ["prompt 1 has 100 tokens; with --max-new-tokens 4 and a context of 64 only its last 60 "
+    assert warnings == ["prompt 1 has 100 tokens; with --max-new-tokens 4 and a context of 64 only its last 61 "
                         "are used"]
     assert shown[-1].startswith("x" * 100)
 
