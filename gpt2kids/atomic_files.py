@@ -68,18 +68,24 @@ def atomic_write_text(target: Path, text: str) -> None:
         temporary.write_bytes(text.encode("utf-8"))
 
 
+def aside_of(target: Path) -> Path:
+    """Where `replace_folder` moves the old `target` while it swaps: a hidden name of its own, so that no
+    folder of the user's (a `best.old`, say) is ever taken for it and deleted."""
+    return target.with_name(f".{target.name}.replaced")
+
+
 def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: Path | None = None) -> None:
     """Build a folder with `fill(temporary_folder)`, then swap it in place of `target`.
 
-    The old folder is moved aside before the new one is renamed in, so a crash between the two
-    renames leaves it aside (`recover_folder` puts it back). With `previous`, the old folder is kept
+    The old folder is moved aside (`aside_of`) before the new one is renamed in, so a crash between the
+    two renames leaves it aside (`recover_folder` puts it back). With `previous`, the old folder is kept
     there (one generation back) instead of being deleted.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(building, 0o777 & ~_umask())
-    aside = previous or target.with_name(target.name + ".old")
+    aside = previous or aside_of(target)
     try:
         fill(building)
         for path in building.rglob("*"):
@@ -100,7 +106,7 @@ def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: P
 
 def recover_folder(target: Path) -> None:
     """Undo a swap (without `previous`) that was interrupted between its two renames."""
-    old = target.with_name(target.name + ".old")
+    old = aside_of(target)
     if old.exists() and not target.exists():
         os.replace(old, target)
 

@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write (config.json, model.safetensors, tokenizer)")
     args = parser.parse_args(argv)
     model, folder = load_model(args.spec)
-    if args.out_dir.exists() and any(args.out_dir.iterdir()):
-        raise UserError(f"{args.out_dir} already exists and is not empty; choose a new output folder")
+    if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
+        raise UserError(f"{args.out_dir} already exists and is not an empty folder; choose a new output folder")
     tokenizer = load_tokenizer(folder) if tokenizer_files_in(folder) else None
     if tokenizer is None:
         print(f"warning: {folder} has no tokenizer files; the export holds weights and config only",

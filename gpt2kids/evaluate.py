@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizers = [load_tokenizer(folder) for folder in folders]
 
     # One block size for every model, so models that share a tokenizer share blocks.
-    block_size = args.block_size or min(DEFAULT_BLOCK_SIZE, *(config.n_positions for config in configs))
+    block_size = args.block_size
+    if block_size is None:  # not `or`: --block-size 0 is refused below, not replaced
+        block_size = min(DEFAULT_BLOCK_SIZE, *(config.n_positions for config in configs))
     if block_size < 2:
         raise UserError(f"--block-size {block_size} is too small; a block of T tokens gives T - 1 predictions, "
                         "so use 2 or more")

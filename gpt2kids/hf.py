@@ -163,6 +163,8 @@ def _load_sharded(index: Path, load_shard: Callable[[Path], dict[str, torch.Tens
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{index} is not a valid shard index ({error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise UserError(f"{index} is not a valid shard index (its weight_map must map names to shard files)")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index.parent / shard

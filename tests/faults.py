@@ -8,7 +8,7 @@ POINT is where the process kills itself with SIGKILL (or signals itself) the N-t
   checkpoint  during the N-th checkpoint write, after the weights file is written
   swap        between the two renames of the N-th checkpoint swap
   best-swap, final-swap   between the two renames of the N-th export swap of best/ (final/): the old
-              export has just been moved aside to best.old (final.old) and the new one is not in yet
+              export has just been moved aside to .best.replaced (.final.replaced) and the new one is not in yet
   sigint, sigterm   the signal arrives inside optimizer step N (the run should save and stop)
 """
 
@@ -75,8 +75,8 @@ def inject(point: str, when: int) -> None:
 
         checkpoint.save_file = save_file
     elif point in ("swap", "best-swap", "final-swap"):
-        # Where the swap moves the old folder aside: checkpoint-previous/, best.old/ or final.old/.
-        aside = checkpoint.PREVIOUS if point == "swap" else point.removesuffix("-swap") + ".old"
+        # Where the swap moves the old folder aside: checkpoint-previous/, .best.replaced/ or .final.replaced/.
+        aside = checkpoint.PREVIOUS if point == "swap" else f".{point.removesuffix('-swap')}.replaced"
         original_replace = atomic_files.os.replace
 
         def replace(source, target):

@@ -19,6 +19,7 @@ from conftest import REPO, config_for, final_weights, run_train
 from safetensors.torch import load_file
 
 from gpt2kids import checkpoint
+from gpt2kids.atomic_files import aside_of
 from gpt2kids.errors import UserError
 from gpt2kids.training import train
 
@@ -176,16 +177,16 @@ def test_sigkill_between_the_renames_of_an_export_swap(tmp_path, init_folder, co
         killed = run_with_fault("final-swap:1", ["--out", str(out), "--resume"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # The kill fell between the two renames: the old export is aside, none is in place.
-    assert (out / f"{which}.old").is_dir() and not (out / which).exists()
+    assert aside_of(out / which).is_dir() and not (out / which).exists()
     if which == "best":
         # A resume that stops before the next evaluation shows the recovery alone: the export moved
         # aside is back in place, whole.
-        aside = {p.name: p.read_bytes() for p in (out / "best.old").iterdir()}
+        aside = {p.name: p.read_bytes() for p in aside_of(out / "best").iterdir()}
         assert run_train("--out", str(out), "--resume", "--max-steps", "11").returncode == 0
         assert {p.name: p.read_bytes() for p in (out / "best").iterdir()} == aside
-        assert not (out / "best.old").exists()
+        assert not aside_of(out / "best").exists()
 
     resumed = run_train("--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_as_unbroken(out, unbroken, exports=("best", "final"))
-    assert not list(out.glob("*.old")) and not list(out.glob(".*.tmp")), sorted(p.name for p in out.iterdir())
+    assert not list(out.glob(".*.replaced")) and not list(out.glob(".*.tmp")), sorted(p.name for p in out.iterdir())

@@ -191,7 +191,7 @@ def run_evaluate(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing data", "too short", "block above context", "no such folder",
+@pytest.mark.parametrize("case", ["missing data", "too short", "block above context", "block of 0", "no such folder",
                                   "hub id offline"])
 def test_bad_input_is_one_line_and_exit_2(case, models, texts, tmp_path):
     folder = str(models["a"][0])
@@ -201,6 +201,7 @@ def test_bad_input_is_one_line_and_exit_2(case, models, texts, tmp_path):
         "missing data": ([folder, "--data", str(tmp_path / "nope.jsonl")], "does not exist"),
         "too short": ([folder, "--data", str(short)], "not one block"),
         "block above context": ([folder, "--data", str(texts), "--block-size", "65"], "exceeds the context"),
+        "block of 0": ([folder, "--data", str(texts), "--block-size", "0"], "too small"),
         "no such folder": ([str(tmp_path / "no-model"), "--data", str(texts)], "does not exist"),
         "hub id offline": (["nobody/no-such-model", "--data", str(texts)], "offline"),
     }[case]

@@ -174,6 +174,15 @@ def test_truncated_safetensors(tmp_path, reference):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("weight_map", [["model-00001.safetensors"], {"transformer.wte.weight": 1}],
+                         ids=["a list", "a number for a shard"])
+def test_a_malformed_shard_index_is_one_line(tmp_path, reference, weight_map):
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match="not a valid shard index"):
+        load_model(tmp_path)
+
+
 def test_config_that_is_not_gpt2(tmp_path, reference):
     reference.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -262,6 +271,28 @@ def test_convert_bad_input_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_file_as_its_output_folder(tmp_path, reference):
+    reference.save_pretrained(tmp_path / "model")
+    (tmp_path / "notes.txt").write_text("keep")
+    result = run_convert(str(tmp_path / "model"), str(tmp_path / "notes.txt"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not an empty folder" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new folder", "empty folder"])
+def test_convert_leaves_a_folder_named_like_the_output_plus_old_alone(tmp_path, reference, existing):
+    # A user's own out.old beside out/ is not where an export swap sets the old folder aside.
+    reference.save_pretrained(tmp_path / "model")
+    (tmp_path / "out.old").mkdir()
+    (tmp_path / "out.old" / "mine.txt").write_text("user data")
+    if existing:
+        (tmp_path / "out").mkdir()
+    assert run_convert(str(tmp_path / "model"), str(tmp_path / "out")).returncode == 0
+    assert (tmp_path / "out.old" / "mine.txt").read_text() == "user data"
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_a_run_folder_resolves_to_its_final_export_else_best(tmp_path, reference):
