@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import random
+import shutil
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +34,7 @@ from gpt2kids.model import GPT2
 
 CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint-previous"
+DAMAGED = "checkpoint-damaged"  # where a damaged checkpoint/ goes once a resume has fallen back past it
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "state.pt", "progress.json")
 
@@ -104,6 +108,9 @@ def damage_in(folder: Path) -> str | None:
         return f"{folder / MANIFEST} is damaged"
     if not isinstance(manifest, dict):
         return f"{folder / MANIFEST} is damaged"
+    unlisted = [name for name in FILES if name not in manifest]
+    if unlisted:  # a manifest that parses but vouches for less than a checkpoint holds
+        return f"{folder / MANIFEST} does not list {unlisted[0]}"
     missing = [folder / name for name in manifest if not (folder / name).is_file()]
     if missing:
         return f"{missing[0]} is missing"
@@ -118,13 +125,23 @@ def _read(folder: Path) -> Checkpoint:
     try:
         model = load_file(folder / "model.safetensors")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise UserError(f"cannot read the checkpoint in {folder} ({error})") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read the checkpoint in {folder} ({first})") from None
     return Checkpoint(model, state, folder)
 
 
 def exists(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT).is_dir() or (run_dir / PREVIOUS).is_dir()
+
+
+def set_aside_damaged(run_dir: Path) -> None:
+    """Move a damaged checkpoint/ out of the rotation (to checkpoint-damaged/), after a resume fell back to
+    checkpoint-previous/: the next save would otherwise push the good one out and keep the damaged one."""
+    damaged = run_dir / DAMAGED
+    if damaged.exists():
+        shutil.rmtree(damaged)
+    os.replace(run_dir / CHECKPOINT, damaged)
 
 
 def load_latest_good(run_dir: Path) -> Checkpoint:

@@ -237,7 +237,7 @@ def load_split(data: str | Path, eval_data: str | Path | None, eval_fraction: fl
 
 def epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled block order of one epoch: a pure function of (seed, epoch), so resume is exact."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)  # manual_seed takes < 2**63
     return torch.randperm(num_blocks, generator=generator)
 
 

@@ -35,6 +35,8 @@ class Distributed:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = (torch.cuda.is_available() and device_name == "auto") or device_name.startswith("cuda")
+        if use_cuda and not torch.cuda.is_available():
+            raise UserError(f"--device {device_name} asked for CUDA but no CUDA GPU is available; use --device cpu")
         if use_cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
-from gpt2kids.atomic_files import replace_folder
+from gpt2kids.atomic_files import describe_os_error, replace_folder
 from gpt2kids.config import GPT2Config
 from gpt2kids.errors import UserError
 from gpt2kids.model import GPT2, TIED_WEIGHT
@@ -336,4 +336,7 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
         if tokenizer is not None:
             tokenizer.save(folder, model_max_length=config.n_positions)
 
-    replace_folder(out_dir, fill)
+    try:
+        replace_folder(out_dir, fill)
+    except OSError as error:  # a full disk, no permission: the half-built folder is gone, the old one stays
+        raise UserError(f"{describe_os_error(error, Path(out_dir))}; what was there is left as it was") from None

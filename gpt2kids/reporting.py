@@ -13,9 +13,10 @@ from tqdm import tqdm
 
 
 class Reporter:
-    def __init__(self, folder: Path, is_main: bool, start_step: int, settings: dict[str, Any]) -> None:
-        """A run resumed at `start_step` drops the events a killed run logged after it; a new run logs its
-        `settings` (the hyper-parameters) as hparams."""
+    def __init__(self, folder: Path, is_main: bool, start_step: int, settings: dict[str, Any],
+                 resumed: bool = False) -> None:
+        """A `resumed` run (at `start_step`, 0 for a run killed before its first checkpoint) drops the events a
+        killed run logged after it; a new run logs its `settings` (the hyper-parameters) as hparams."""
         self.is_main = is_main
         self.writer = None
         if not is_main:
@@ -23,8 +24,8 @@ class Reporter:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if start_step else None)
-        if start_step == 0:
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if resumed else None)
+        if not resumed:
             values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
             for summary in hparams(values, {"eval/loss": 0.0, "eval/perplexity": 0.0}):
                 self.writer.file_writer.add_summary(summary)

@@ -30,6 +30,9 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
     if config.resume:
         if not has_run:
             raise UserError(f"nothing to resume in {out}: it holds no run; drop --resume to start a new run")
+        if not checkpoint.exists(out) and (out / "final").is_dir():  # a run killed before its first has no final/
+            raise UserError(f"nothing to resume in {out}: the run has finished and holds no checkpoint "
+                            "(--drop-resume-state); start a new run with another --out")
         restored = read_settings(out, "the run cannot be resumed")
         ignored = config.differences(restored)
         if ignored and dist.is_main:

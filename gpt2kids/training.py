@@ -353,13 +353,16 @@ def train_epoch(run: Run) -> bool:
             if progress.step_in_epoch < plan.steps_per_epoch:  # at the end, finish_epoch evaluates and saves
                 if config.eval_every and progress.step % config.eval_every == 0:
                     evaluate_and_keep_best(run)
+                    check_early_stopping(run)
+                if run.is_over:  # stopped early: the run's end exports final/, then checkpoints
+                    break
                 if stop or at_limit or (config.save_every and progress.step % config.save_every == 0):
                     save_checkpoint(run)
             if stop or at_limit:
                 break
     if progress.step_in_epoch == plan.steps_per_epoch:
         finish_epoch(run, time.perf_counter() - started)
-    if stop and not progress.finished:  # a signal in the run's last step: the run has ended anyway
+    if stop and not run.is_over:  # a signal in the run's last step (or its early stop): the run ends anyway
         received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
         raise Stopped(f"stopped by {received.name} at step {progress.step}; a checkpoint is saved; "
                       f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
@@ -380,14 +383,19 @@ def finish_epoch(run: Run, seconds: float) -> None:
     progress.epoch += 1
     progress.step_in_epoch = 0
     progress.epoch_loss_sum, progress.epoch_tokens = 0.0, 0
-    patience = run.config.early_stopping
-    if patience and progress.evaluations_without_improvement >= patience:
-        progress.stopped_early = (f"{progress.evaluations_without_improvement} evaluations in a row brought no eval "
-                                  f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
+    check_early_stopping(run)
     if run.is_over:
         finish_run(run)  # final/ now, so that this checkpoint is the run's last
     # The exports come first: a kill between them and this checkpoint replays the epoch's tail.
     save_checkpoint(run)
+
+
+def check_early_stopping(run: Run) -> None:
+    """--early-stopping N: after N evaluations in a row with no new lowest eval loss, the run is over."""
+    progress, patience = run.progress, run.config.early_stopping
+    if patience and progress.evaluations_without_improvement >= patience:
+        progress.stopped_early = (f"{progress.evaluations_without_improvement} evaluations in a row brought no eval "
+                                  f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
 
 
 def finish_run(run: Run) -> None:
@@ -434,7 +442,14 @@ def run_epochs(run: Run) -> Progress:
     progress = run.progress
     started = time.perf_counter()
     run.model.train()
-    run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config))
+    limit = run.config.max_steps
+    if limit is not None and progress.step >= limit:  # a resume that asks for no more steps: nothing to write
+        if run.dist.is_main:
+            print(f"{run.folder} is at step {progress.step}, at or past --max-steps {limit}: nothing to train; resume "
+                  "with a higher --max-steps, or without it, to go on", file=sys.stderr)
+        return progress
+    run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config),
+                            resumed=run.config.resume)
     try:
         with stop_on_signals(run):
             while not run.is_over:
@@ -513,7 +528,16 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     torch.manual_seed(config.seed)
     train_stories, eval_stories = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data,
                                                   config.eval_split, config.seed)
-    saved = checkpoint.load_latest_good(folder) if config.resume else None
+    saved = checkpoint.load_latest_good(folder) if config.resume and checkpoint.exists(folder) else None
+    if config.resume and saved is None and dist.is_main:
+        print(f"{folder} holds no checkpoint yet (the run stopped before its first one): starting it again from "
+              "step 0 with its saved settings", file=sys.stderr)
+    dist.barrier()  # every process has read the checkpoint before a damaged one is moved aside
+    if saved is not None and saved.folder != folder / checkpoint.CHECKPOINT and dist.is_main:
+        if (folder / checkpoint.CHECKPOINT).exists():
+            checkpoint.set_aside_damaged(folder)
+            print(f"moved the damaged {folder / checkpoint.CHECKPOINT} to {folder / checkpoint.DAMAGED}, so that "
+                  f"the next checkpoint keeps {saved.folder} as the previous one", file=sys.stderr)
     if saved is not None:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),

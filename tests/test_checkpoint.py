@@ -115,6 +115,45 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, init
     assert_same_as_unbroken(out, unbroken)
 
 
+def test_after_falling_back_the_next_checkpoint_keeps_the_good_one_as_previous(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    assert run_train(*flags(init_folder, corpus, out, "--max-steps", "20")).returncode == 0
+    damage(out / "checkpoint" / "state.pt", "alter")
+    # Resumed at step 10 and stopped at 11: one checkpoint is written after the fallback.
+    resumed = run_train("--out", str(out), "--resume", "--max-steps", "11")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"moved the damaged {out / 'checkpoint'} to {out / checkpoint.DAMAGED}" in resumed.stderr
+    assert checkpoint.damage_in(out / "checkpoint") is None
+    assert checkpoint.damage_in(out / checkpoint.PREVIOUS) is None  # step 10's, not the damaged step 20
+    assert json.loads((out / checkpoint.PREVIOUS / "progress.json").read_text())["step"] == 10
+    assert checkpoint.damage_in(out / checkpoint.DAMAGED) is not None  # kept for a look, out of the rotation
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, init_folder, corpus, unbroken):
+    out = tmp_path / "run"
+    killed = run_with_fault("step:5", flags(init_folder, corpus, out))  # checkpoints come every 10 steps
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not checkpoint.exists(out) and (out / "train_config.json").is_file()
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "holds no checkpoint yet" in resumed.stderr and "starting it again from step 0" in resumed.stderr
+    assert_same_as_unbroken(out, unbroken)
+
+
+def test_a_state_file_that_asks_to_run_code_is_one_line(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    assert run_train(*flags(init_folder, corpus, out, "--max-steps", "10")).returncode == 0
+    # A pickle naming a function: weights_only refuses it before anything runs. The manifest is made to
+    # match, as a checkpoint from someone else would.
+    torch.save({"optimizer": print}, out / "checkpoint" / "state.pt")
+    manifest = json.loads((out / "checkpoint" / checkpoint.MANIFEST).read_text())
+    manifest["state.pt"] = checkpoint.sha256_of(out / "checkpoint" / "state.pt")
+    (out / "checkpoint" / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    resumed = run_train("--out", str(out), "--resume")
+    assert resumed.returncode == 2, resumed.stderr
+    assert resumed.stderr.startswith("error: cannot read the checkpoint in") and resumed.stderr.count("\n") == 1
+
+
 def test_both_checkpoints_damaged_stops_with_a_clear_message(tmp_path, init_folder, corpus):
     out = tmp_path / "run"
     assert run_train(*flags(init_folder, corpus, out, "--max-steps", "20")).returncode == 0
@@ -135,7 +174,9 @@ def test_a_damaged_manifest_is_reported_not_raised(tmp_path, text):
 
 def test_the_manifest_names_a_missing_or_altered_file_and_passes_a_whole_one(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"weights")
-    manifest = {"model.safetensors": checkpoint.sha256_of(tmp_path / "model.safetensors"), "state.pt": "0" * 64}
+    (tmp_path / "progress.json").write_text("{}")
+    manifest = {name: checkpoint.sha256_of(tmp_path / name) for name in ("model.safetensors", "progress.json")}
+    manifest["state.pt"] = "0" * 64
     (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     assert checkpoint.damage_in(tmp_path) == f"{tmp_path / 'state.pt'} is missing"
     (tmp_path / "state.pt").write_bytes(b"state")
@@ -143,6 +184,11 @@ def test_the_manifest_names_a_missing_or_altered_file_and_passes_a_whole_one(tmp
     manifest["state.pt"] = checkpoint.sha256_of(tmp_path / "state.pt")
     (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     assert checkpoint.damage_in(tmp_path) is None
+    del manifest["progress.json"]  # parses, but vouches for less than a checkpoint holds
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.damage_in(tmp_path) == f"{tmp_path / checkpoint.MANIFEST} does not list progress.json"
+    (tmp_path / checkpoint.MANIFEST).write_text("{}")
+    assert checkpoint.damage_in(tmp_path) == f"{tmp_path / checkpoint.MANIFEST} does not list model.safetensors"
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_folder, corpus, monkeypatch):

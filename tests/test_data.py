@@ -157,3 +157,10 @@ def test_a_folder_gives_its_txt_files_and_skips_hidden_folders(tmp_path, capsys)
     assert data.read_stories(tmp_path) == ["Judul A\n\nIsi A.", "Judul B\n\nIsi B."]
     warning = capsys.readouterr().err
     assert "skipped 2 other file(s)" in warning and "README.md" in warning and "HEAD" not in warning
+
+
+def test_epoch_order_takes_any_seed_train_py_accepts():
+    # seed * 1_000_003 + epoch overflows torch.manual_seed's 64 bits for seeds above about 9e12.
+    order = data.epoch_order(10, 2**63 - 1, 5)
+    assert sorted(order.tolist()) == list(range(10))
+    assert torch.equal(data.epoch_order(10, 3, 1), data.epoch_order(10, 3, 1))

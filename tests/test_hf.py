@@ -134,6 +134,26 @@ def test_pipeline_runs_on_an_export(tmp_path, tokenizer):
     assert result[0]["generated_text"].startswith("Pada suatu hari")
 
 
+def test_a_full_disk_while_exporting_is_one_line_and_leaves_the_old_export(tmp_path, tokenizer, reference,
+                                                                           monkeypatch):
+    import errno
+
+    from gpt2kids import hf
+
+    model = load_model(_saved(reference, tmp_path / "src"))[0]
+    export(model, tokenizer, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf, "save_file", full_disk)
+    with pytest.raises(UserError, match="no space left on the device while writing"):
+        export(model, tokenizer, tmp_path / "export")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "src"]  # no half-built folder left
+
+
 def test_export_replaces_an_old_export_whole(tmp_path, tokenizer, reference):
     model = load_model(_saved(reference, tmp_path / "src"))[0]
     export(model, tokenizer, tmp_path / "export")

@@ -59,6 +59,9 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--precision", "fp8"], "argument --precision: invalid choice"),
     (["--block-size", "1000"], "--block-size 1000 exceeds the model's context of 128"),
     (["--device", "tpu"], "is not"),
+    (["--early-stopping", "2", "--eval-split", "0"], "--early-stopping needs held-out stories"),
+    (["--seed", "-1"], "--seed must be a whole number from 0"),
+    (["--seed", str(2**63)], "--seed must be a whole number from 0"),  # torch.manual_seed would overflow
 ])
 def test_bad_flags(capsys, tmp_path, base, extra, message):
     fails_cleanly(capsys, tmp_path, [*base, *extra], message)
@@ -130,3 +133,13 @@ def test_cuda_that_is_not_there(capsys, tmp_path, base, monkeypatch, device, gpu
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     fails_cleanly(capsys, tmp_path, [*base, "--device", device], message)
+
+
+def test_cuda_that_is_not_there_under_torchrun(capsys, tmp_path, base, monkeypatch):
+    """What torchrun sets for each process; the refusal comes before any process group or GPU is touched."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    fails_cleanly(capsys, tmp_path, [*base, "--device", "cuda"], "asked for CUDA but no CUDA GPU is available")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -347,6 +348,26 @@ def test_early_stopping_stops_after_n_evaluations_without_a_new_best(tmp_path, i
     assert "stopped early" in (out / "final" / "README.md").read_text()
     best = (out / "best" / "README.md").read_text()
     assert "epoch 2, step" in best and len(epoch_rows(best)) == 2  # best/ is epoch 2's, with the rows up to it
+
+
+def test_early_stopping_counts_the_evaluations_within_an_epoch(tmp_path, init_folder, corpus, monkeypatch):
+    losses = iter([3.0, 3.1, 3.2] + [4.0] * 100)  # the evaluations at steps 4 and 6 bring no new lowest loss
+    monkeypatch.setattr(training, "evaluate", lambda run: next(losses))
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=2, eval_every=2, early_stopping=2))
+    assert progress.step == 6 and progress.finished  # not at the end of the epoch (23 steps)
+    assert progress.stopped_early.startswith("2 evaluations in a row brought no eval loss below 3.0000")
+    assert "stopped early" in (out / "final" / "README.md").read_text()
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 6
+
+
+def test_resuming_at_max_steps_trains_nothing_and_writes_nothing(tmp_path, init_folder, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(config_for(init_folder, corpus, out, max_steps=4)).step == 4
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert train(config_for(init_folder, corpus, out, resume=True, max_steps=4)).step == 4
+    assert "at or past --max-steps 4: nothing to train" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
 def test_best_card_holds_the_row_of_its_own_epoch(tmp_path, init_folder, corpus):
