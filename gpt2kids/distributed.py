@@ -66,6 +66,14 @@ class Distributed:
             return flag
         return bool(self.sum(torch.tensor([int(flag)], device=device)).item())
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value` (any picklable object), in rank order, on every process."""
+        if not self.enabled:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def broadcast(self, value: Any) -> Any:
         if not self.enabled:
             return value

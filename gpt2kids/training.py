@@ -229,12 +229,12 @@ def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = N
 
 # --- checkpoints and exports ---------------------------------------------------------------------
 
-def training_state(run: Run) -> dict[str, Any]:
+def training_state(run: Run, rng_by_rank: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "rng": checkpoint.rng_states(),
+        "rng_by_rank": rng_by_rank,
         "progress": dataclasses.asdict(run.progress),
         "model_config": run.model.config.to_hf_dict(),
         "tokenizer": run.tokenizer.backend.to_str(),
@@ -252,14 +252,18 @@ def restore(run: Run, saved: checkpoint.Checkpoint) -> None:
     run.scheduler.load_state_dict(saved.state["scheduler"])
     if saved.state["scaler"]:
         run.scaler.load_state_dict(saved.state["scaler"])
-    checkpoint.restore_rng_states(saved.state["rng"])
+    # Each process's own RNG states: their dropout draws part ways where an epoch's last micro-batch is split
+    # unevenly. Checkpoints from before they were kept per process, or from another process count, hold one.
+    states = saved.state.get("rng_by_rank") or [saved.state["rng"]]
+    checkpoint.restore_rng_states(states[run.dist.rank] if len(states) == run.dist.world_size else states[0])
     run.progress = Progress(**saved.progress)
 
 
 def save_checkpoint(run: Run) -> None:
     with timing(run, "saving"):
+        rng_by_rank = run.dist.gather(checkpoint.rng_states())
         if run.dist.is_main:
-            checkpoint.save(run.folder, run.model, training_state(run))
+            checkpoint.save(run.folder, run.model, training_state(run, rng_by_rank))
         run.dist.barrier()
 
 

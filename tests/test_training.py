@@ -177,6 +177,30 @@ def test_ddp_on_two_cpu_processes_gives_the_steps_and_weights_of_one_process(tmp
     assert not same_steps(tmp_path / "single", tmp_path / "broken")
 
 
+def test_ddp_stop_and_resume_with_dropout_ends_with_the_same_weights(tmp_path, init_folder, corpus):
+    # 93 training blocks of 128, 4 per process: each epoch's last micro-batch gives process 0 four blocks and
+    # process 1 one, so their dropout draws part ways there. The run stops at the end of epoch 1 (step 12):
+    # resuming must give each process its own RNG state back.
+    common = ["--data", str(corpus), "--init", str(init_folder), "--epochs", "2", "--block-size", "128",
+              "--batch-size", "4", "--lr", "1e-3", "--precision", "fp32", "--device", "cpu", "--dropout", "0.1",
+              "--seed", "3"]
+
+    def ddp(out: Path, *extra: str) -> str:
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train.py", *common, "--out", str(out), *extra],
+                                cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "93 training blocks of 128 tokens, 12 steps per epoch" in ddp(tmp_path / "straight")
+    ddp(tmp_path / "stopped", "--max-steps", "12")
+    ddp(tmp_path / "stopped", "--resume")
+    straight, continued = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    for key in straight:
+        assert torch.equal(straight[key], continued[key]), key
+
+
 def test_stop_and_resume_ends_with_the_same_weights(tmp_path, init_folder, corpus):
     # Dropout on and bf16 autocast: the RNG state and the data position both have to be restored.
     settings = dict(dropout=0.1, precision="bf16", eval_every=5)
