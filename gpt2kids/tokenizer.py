@@ -31,6 +31,8 @@ SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # tokenizer_class values whose transformers implementation sets the pre-tokenizer's add_prefix_space from
 # tokenizer_config.json (default False), whatever tokenizer.json says.
 GPT2_CLASSES = (None, "GPT2Tokenizer", "GPT2TokenizerFast")
+# tokenizer_class values whose transformers implementation leaves tokenizer.json's add_prefix_space alone.
+GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def _byte_level(model: models.Model, add_prefix_space: bool = False) -> HFTokenizer:
@@ -79,7 +81,7 @@ def read_side_files(folder: Path) -> tuple[dict[str, str], bool | None]:
     if config_path.is_file():
         if config.get("tokenizer_class") in GPT2_CLASSES:
             add_prefix_space = bool(config.get("add_prefix_space", False))
-        elif "add_prefix_space" in config:
+        elif "add_prefix_space" in config and config.get("tokenizer_class") not in GENERIC_CLASSES:
             add_prefix_space = bool(config["add_prefix_space"])
     elif _is_gpt2_model_folder(folder):  # AutoTokenizer picks GPT2Tokenizer from the model type
         add_prefix_space = False
@@ -181,8 +183,10 @@ class Tokenizer:
         special, add_prefix_space = read_side_files(path.parent)
         if add_prefix_space is not None:
             backend = _set_prefix_space(backend, add_prefix_space)
-        # Declared specials the vocabulary holds are matched whole, as transformers does.
-        present = [token for token in special.values() if backend.token_to_id(token) is not None]
+        # Declared specials the vocabulary holds are matched whole, as transformers does; those tokenizer.json
+        # already adds keep its flags (RoBERTa's "<mask>" takes the space before it: lstrip).
+        added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        present = [token for token in special.values() if backend.token_to_id(token) is not None and token not in added]
         if present:
             backend.add_special_tokens(sorted(set(present)))
         return cls(backend, special, eos_id)
@@ -195,16 +199,16 @@ class Tokenizer:
     @classmethod
     def from_vocab_and_merges(cls, vocab: Path, merges: Path, special_tokens: Mapping[str, str] | None = None,
                               add_prefix_space: bool = False, eos_id: int | None = None) -> Tokenizer:
-        """GPT-2's two original files; declared specials (else `<|endoftext|>`) become special tokens."""
+        """GPT-2's two original files, with the declared specials and `<|endoftext|>` in the roles undeclared."""
         try:
             model = models.BPE.from_file(str(vocab), str(merges))
         except Exception as error:
             raise UserError(f"cannot read {vocab} and {merges} as a BPE tokenizer ({error})") from None
         backend = _byte_level(model, add_prefix_space)
-        special = dict(special_tokens or {})
-        # As transformers' GPT2Tokenizer: declared specials are added (new ids where the vocabulary lacks
-        # them), and with none declared `<|endoftext|>` is bos, eos and unk.
-        backend.add_special_tokens(list(dict.fromkeys(special.values())) or [END_OF_TEXT])
+        # As transformers' GPT2Tokenizer: `<|endoftext|>` is bos, eos and unk unless declared otherwise, and
+        # the specials are added (new ids where the vocabulary lacks them).
+        special = {**dict.fromkeys(("bos_token", "eos_token", "unk_token"), END_OF_TEXT), **(special_tokens or {})}
+        backend.add_special_tokens(list(dict.fromkeys(special.values())))
         return cls(backend, special, eos_id)
 
     @classmethod

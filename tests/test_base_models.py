@@ -230,6 +230,46 @@ def test_tokenizer_config_add_prefix_space_decides_as_in_transformers(tmp_path, 
         assert ours.encode(text) == reference(text)["input_ids"], text
 
 
+def tokenizer_folder(tmp_path: Path, case: str) -> Path:
+    """Tokenizer folders as other tools save them, each read by transformers in a way of its own."""
+    from tokenizers import AddedToken
+
+    folder = tmp_path / case
+    folder.mkdir()
+    if case == "mask with lstrip":  # RoBERTa's convention: "<mask>" takes the space before it
+        backend = roberta_style_bpe(with_end_of_text=False)
+        backend.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False)])
+        write_tokenizer_files(backend, folder, VARIANTS["without-endoftext"])
+    elif case in ("PreTrainedTokenizerFast", "TokenizersBackend"):  # tokenizer.json's prefix space stands
+        backend = roberta_style_bpe(with_end_of_text=True)
+        backend.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": case, "add_prefix_space": False, "eos_token": END_OF_TEXT}))
+    else:  # "vocab and merges, eos only": GPT2Tokenizer keeps <|endoftext|> as bos and unk
+        backend = roberta_style_bpe(with_end_of_text=True)
+        write_vocab_and_merges(backend, folder)
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True, "eos_token": "</s>"}))
+    save_base_model(folder, backend, eos_id=2)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["mask with lstrip", "PreTrainedTokenizerFast", "TokenizersBackend",
+                                  "vocab and merges, eos only"])
+def test_tokenizer_folders_of_other_tools_read_and_save_as_transformers_reads_them(tmp_path, case):
+    from transformers import AutoTokenizer
+
+    folder = tokenizer_folder(tmp_path, case)
+    ours, reference = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    texts = [*TEXTS, "Budi suka <mask> buku", "Tamat.<|endoftext|>Mulai"]
+    for text in texts:
+        assert ours.encode(text) == reference(text)["input_ids"], text
+    ours.save(tmp_path / "saved")  # what an export writes reads back the same in transformers
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for text in texts:
+        assert saved(text)["input_ids"] == reference(text)["input_ids"], text
+
+
 def test_a_tokenizer_trained_here_keeps_end_of_text(tmp_path):
     tokenizer = Tokenizer.train(SAMPLE_TEXTS, vocab_size=300)
     tokenizer.save(tmp_path)
