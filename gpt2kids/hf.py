@@ -81,7 +81,7 @@ def _download(repo_id: str) -> Path:
         raise UserError("huggingface_hub is not installed; pip install huggingface_hub, "
                         "or pass a local folder") from None
     side_files = ["config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt",
-                  "tokenizer_config.json", "special_tokens_map.json"]
+                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
     offline_switch = hub_offline()
     offline = offline_switch is not None
     try:

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.errors import UserError
@@ -86,6 +86,22 @@ def read_side_files(folder: Path) -> tuple[dict[str, str], bool | None]:
     elif _is_gpt2_model_folder(folder):  # AutoTokenizer picks GPT2Tokenizer from the model type
         add_prefix_space = False
     return special, add_prefix_space
+
+
+def added_tokens_of(folder: Path) -> dict[int, tuple[str, bool]]:
+    """{id: (token, special)} of the tokens a vocab.json + merges.txt save added past its vocabulary: older
+    transformers wrote them to added_tokens.json, newer ones to tokenizer_config.json's added_tokens_decoder."""
+    added: dict[int, tuple[str, bool]] = {}
+    path = folder / "added_tokens.json"
+    if path.is_file():
+        added.update({token_id: (content, False) for content, token_id in _read_json(path).items()
+                      if isinstance(token_id, int)})
+    config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    for token_id, token in (config.get("added_tokens_decoder") or {}).items():
+        content = _token_text(token)
+        if content is not None and str(token_id).isdigit():
+            added[int(token_id)] = (content, isinstance(token, dict) and bool(token.get("special", False)))
+    return added
 
 
 def _is_gpt2_model_folder(folder: Path) -> bool:
@@ -170,7 +186,7 @@ class Tokenizer:
             elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 special, add_prefix_space = read_side_files(folder)
                 return cls.from_vocab_and_merges(path / "vocab.json", path / "merges.txt", special,
-                                                 bool(add_prefix_space), eos_id)
+                                                 bool(add_prefix_space), eos_id, added_tokens_of(folder))
             else:
                 raise UserError(f"{path} holds no tokenizer.json and no vocab.json + merges.txt; "
                                 "pass --tokenizer with a tokenizer file or folder")
@@ -198,13 +214,22 @@ class Tokenizer:
 
     @classmethod
     def from_vocab_and_merges(cls, vocab: Path, merges: Path, special_tokens: Mapping[str, str] | None = None,
-                              add_prefix_space: bool = False, eos_id: int | None = None) -> Tokenizer:
-        """GPT-2's two original files, with the declared specials and `<|endoftext|>` in the roles undeclared."""
+                              add_prefix_space: bool = False, eos_id: int | None = None,
+                              added_tokens: Mapping[int, tuple[str, bool]] | None = None) -> Tokenizer:
+        """GPT-2's two original files, with the tokens a save added past them (`added_tokens_of`) at their ids,
+        the declared specials, and `<|endoftext|>` in the roles undeclared."""
         try:
             model = models.BPE.from_file(str(vocab), str(merges))
         except Exception as error:
             raise UserError(f"cannot read {vocab} and {merges} as a BPE tokenizer ({error})") from None
         backend = _byte_level(model, add_prefix_space)
+        for token_id, (content, special) in sorted((added_tokens or {}).items()):
+            if backend.token_to_id(content) == token_id:
+                continue
+            if token_id != backend.get_vocab_size(with_added_tokens=True):  # tokenizers numbers them in turn
+                raise UserError(f"{vocab.parent} gives the added token {content!r} the id {token_id}, which is not "
+                                "the next free one; this tokenizer cannot be read as saved")
+            backend.add_tokens([AddedToken(content, special=special, normalized=not special)])
         # As transformers' GPT2Tokenizer: `<|endoftext|>` is bos, eos and unk unless declared otherwise, and
         # the specials are added (new ids where the vocabulary lacks them).
         special = {**dict.fromkeys(("bos_token", "eos_token", "unk_token"), END_OF_TEXT), **(special_tokens or {})}

@@ -245,6 +245,20 @@ def tokenizer_folder(tmp_path: Path, case: str) -> Path:
         backend.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": case, "add_prefix_space": False, "eos_token": END_OF_TEXT}))
+    elif case in ("added_tokens.json", "added_tokens_decoder"):  # a slow tokenizer's save, tokens added past
+        backend = roberta_style_bpe(with_end_of_text=True)             # the vocabulary at their own ids
+        write_vocab_and_merges(backend, folder)
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True, "eos_token": END_OF_TEXT,
+                  "pad_token": "[PAD]", "mask_token": "[MASK]"}
+        first = backend.get_vocab_size()
+        if case == "added_tokens.json":
+            (folder / "added_tokens.json").write_text(json.dumps({"[TOKOH]": first}))
+            backend.add_tokens(["[TOKOH]"])
+        else:  # [MASK] before [PAD], against the order of their roles
+            config["added_tokens_decoder"] = {str(first): {**as_added_token("[MASK]"), "special": True},
+                                              str(first + 1): {**as_added_token("[PAD]"), "special": True}}
+            backend.add_special_tokens(["[MASK]", "[PAD]"])
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
     else:  # "vocab and merges, eos only": GPT2Tokenizer keeps <|endoftext|> as bos and unk
         backend = roberta_style_bpe(with_end_of_text=True)
         write_vocab_and_merges(backend, folder)
@@ -255,13 +269,13 @@ def tokenizer_folder(tmp_path: Path, case: str) -> Path:
 
 
 @pytest.mark.parametrize("case", ["mask with lstrip", "PreTrainedTokenizerFast", "TokenizersBackend",
-                                  "vocab and merges, eos only"])
+                                  "vocab and merges, eos only", "added_tokens.json", "added_tokens_decoder"])
 def test_tokenizer_folders_of_other_tools_read_and_save_as_transformers_reads_them(tmp_path, case):
     from transformers import AutoTokenizer
 
     folder = tokenizer_folder(tmp_path, case)
     ours, reference = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
-    texts = [*TEXTS, "Budi suka <mask> buku", "Tamat.<|endoftext|>Mulai"]
+    texts = [*TEXTS, "Budi suka <mask> buku", "Tamat.<|endoftext|>Mulai", "Lalu [TOKOH] pergi", "a [PAD] b [MASK]"]
     for text in texts:
         assert ours.encode(text) == reference(text)["input_ids"], text
     ours.save(tmp_path / "saved")  # what an export writes reads back the same in transformers
