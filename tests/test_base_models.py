@@ -284,6 +284,14 @@ def test_tokenizer_folders_of_other_tools_read_and_save_as_transformers_reads_th
         assert saved(text)["input_ids"] == reference(text)["input_ids"], text
 
 
+def test_an_added_token_whose_id_cannot_be_kept_is_refused(tmp_path):
+    backend = roberta_style_bpe(with_end_of_text=True)
+    write_vocab_and_merges(backend, tmp_path)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[TOKOH]": backend.get_vocab_size() + 5}))
+    with pytest.raises(UserError, match=r"gives the added token '\[TOKOH\]' the id \d+, which is not the next free"):
+        Tokenizer.from_path(tmp_path)
+
+
 def test_a_tokenizer_trained_here_keeps_end_of_text(tmp_path):
     tokenizer = Tokenizer.train(SAMPLE_TEXTS, vocab_size=300)
     tokenizer.save(tmp_path)
