@@ -249,6 +249,13 @@ class RunsCode:
         return (pathlib.Path.touch, (self.marker,))
 
 
+def test_a_bin_that_is_not_a_pickle_is_called_damaged_not_dangerous(tmp_path, reference):
+    write_config(tmp_path, reference)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(UserError, match="cannot be read as a PyTorch weights file; it may be truncated or damaged"):
+        load_model(tmp_path)
+
+
 def test_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, reference):
     write_config(tmp_path, reference)
     marker = tmp_path / "code-ran"
