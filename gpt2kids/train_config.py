@@ -6,6 +6,7 @@ flags, their defaults and `--help` come from one place (`run_folder` saves them 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -101,27 +102,36 @@ class TrainConfig:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
 
     def differences(self, other: TrainConfig) -> list[str]:
-        """The flags set here to something other than the default and than `other`'s value."""
+        """The flags set here (given on the command line, see `parse_args`; else: not at their default) to
+        something other than `other`'s value."""
+        given = getattr(self, "given", None)
         defaults = TrainConfig()
         return [flag_name(f.name) for f in dataclasses.fields(self)
-                if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
-                and getattr(self, f.name) != getattr(other, f.name)]
+                if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(other, f.name)
+                and (f.name in given if given is not None else getattr(self, f.name) != getattr(defaults, f.name))]
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(with_defaults: bool = True) -> ArgumentParser:
+    """The flags of `TrainConfig`; without defaults, a parse holds only the flags given."""
     parser = ArgumentParser(prog="python train.py", epilog=EXAMPLES,
+                            argument_default=None if with_defaults else argparse.SUPPRESS,
                             description="Fine-tune GPT-2 on Indonesian children's stories (or train one from "
                                         "scratch). Writes a run folder: TensorBoard events, checkpoints, and "
                                         "best/ and final/ exports that transformers loads unchanged.")
     for setting in dataclasses.fields(TrainConfig):
+        default = {"default": setting.default} if with_defaults else {}
         if setting.type == "bool":
-            parser.add_argument(flag_name(setting.name), action="store_true", **setting.metadata)
+            parser.add_argument(flag_name(setting.name), action="store_true", **default, **setting.metadata)
             continue
         kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(setting.type, str)
-        parser.add_argument(flag_name(setting.name), type=kind, default=setting.default, **setting.metadata)
+        parser.add_argument(flag_name(setting.name), type=kind, **default, **setting.metadata)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    # The flags given, whatever their values: on --resume, one given at its default is ignored as much as
+    # any other, and the note says so.
+    config.given = frozenset(vars(build_parser(with_defaults=False).parse_args(argv)))
+    return config
 

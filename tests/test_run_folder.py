@@ -27,6 +27,18 @@ def test_resume_names_the_flags_it_ignores(tmp_path, init_folder, corpus, capsys
     assert (config.epochs, config.lr, config.max_steps) == (2, 1e-3, 4)
 
 
+def test_resume_names_a_flag_given_at_its_default_value(tmp_path, init_folder, corpus, capsys):
+    from gpt2kids.train_config import TrainConfig, parse_args
+
+    out = tmp_path / "run"
+    train(config_for(init_folder, corpus, out, max_steps=2))  # its --lr: 1e-3
+    capsys.readouterr()
+    config = parse_args(["--out", str(out), "--resume", "--lr", str(TrainConfig().lr), "--epochs", "2"])
+    run_folder.prepare(config, Distributed())
+    line = capsys.readouterr().err
+    assert "--lr ignored: a resumed run keeps the settings in" in line, line  # --epochs 2 is the run's own
+
+
 def test_nothing_is_said_when_resume_changes_nothing(tmp_path, init_folder, corpus, capsys):
     out = tmp_path / "run"
     train(config_for(init_folder, corpus, out, max_steps=2))
