@@ -91,7 +91,11 @@ def read_stories(path: str | Path) -> list[str]:
                  + (" ..." if len(others) > 5 else ""))
         stories, skipped = [], []
         for file in files:
-            text = _decode(file.read_bytes())
+            try:
+                text = _decode(file.read_bytes())
+            except OSError as error:
+                raise UserError(f"cannot read {file}: {error.strerror}; fix its permissions or move it out of "
+                                f"{path}") from None
             if text is None:
                 skipped.append(file.name)
             else:

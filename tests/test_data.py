@@ -164,3 +164,21 @@ def test_epoch_order_takes_any_seed_train_py_accepts():
     order = data.epoch_order(10, 2**63 - 1, 5)
     assert sorted(order.tolist()) == list(range(10))
     assert torch.equal(data.epoch_order(10, 3, 1), data.epoch_order(10, 3, 1))
+
+
+def test_an_unreadable_story_in_a_folder_is_one_line(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    (tmp_path / "a.txt").write_text("Satu.")
+    (tmp_path / "b.txt").write_text("Dua.")
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path):  # what a file without read permission gives (root reads any file, so it is faked)
+        if path.name == "b.txt":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(UserError, match=r"cannot read .*b\.txt: Permission denied"):
+        data.read_stories(tmp_path)
