@@ -326,6 +326,15 @@ def foreign_share(run: Callable[[], dict]) -> tuple[dict, float]:
     return result, max(0.0, others) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
 
 
+def usable(entry: object) -> bool:
+    """Whether a cached entry holds a decision that can be read (a damaged one is measured again)."""
+    try:
+        one = entry["kernels"].split("/")[0]
+        return (one in COPY or one in DTYPES) and isinstance(entry["seconds"]["1"][one], float)
+    except (TypeError, KeyError, AttributeError):
+        return False
+
+
 _lock = threading.Lock()
 _uncached: dict[Path, dict[str, dict]] = {}  # decisions this process measured but could not cache
 
@@ -337,7 +346,7 @@ def ensure_measured(shapes: Mapping[Shape, int], dtypes: list[torch.dtype]) -> t
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # none yet, or damaged: measured again
             data = json.loads(path.read_text(encoding="utf-8"))
             if data["version"] == CACHE_VERSION and data["machine"] == machine():
-                cached = dict(data["shapes"])
+                cached = {key: entry for key, entry in dict(data["shapes"]).items() if usable(entry)}
         known = {**cached, **_uncached.get(path, {})}
         missing = {dtype: {shape: count for shape, count in shapes.items() if shape.key(dtype) not in known}
                    for dtype in dtypes}

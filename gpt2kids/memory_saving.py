@@ -264,11 +264,15 @@ class LeanGPT2(GPT2):
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         hand_off = self.transformer.wte.hand_off
         loss_sum, count = linear_cross_entropy(hidden, self.lm_head.weight, targets, weight_gradient_to=hand_off)
-        return loss_sum if reduction == "sum" else loss_sum / count.clamp(min=1)
+        if reduction not in ("sum", "mean"):  # the chunked loss never holds per-token losses
+            raise ValueError(f"the memory-saving loss takes reduction 'sum' or 'mean', not {reduction!r}")
+        return loss_sum if reduction == "sum" else loss_sum / count  # no target at all: NaN, as F.cross_entropy
 
 
 def use_memory_saving_kernels(model: GPT2) -> GPT2:
     """Switch `model` (in place) to the kernels above; parameters and state dict are unchanged."""
+    if isinstance(model, LeanGPT2):  # once only: a second pass would take the Identity left for mlp.act as `pre`
+        return model
     for block in model.transformer.h:
         attention, mlp = block.attn, block.mlp
         attention.c_attn = LeanLinear(attention.c_attn, block.ln_1)

@@ -246,6 +246,20 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(counted, tmp_path):
     assert json.loads(path.read_text())["machine"] == decoding.machine()
 
 
+def test_a_damaged_entry_in_a_whole_cache_is_measured_again(counted, tmp_path):
+    shapes = tiny_shapes()
+    choose_kernels(shapes, torch.float32)
+    path = decoding.cache_file()
+    stored = json.loads(path.read_text())
+    head = LinearShape(VOCAB, 48, False, True).key(torch.float32)
+    del stored["shapes"][head]["kernels"]  # the file parses; one entry does not hold a decision
+    path.write_text(json.dumps(stored))
+    chosen = choose_kernels(shapes, torch.float32)
+    assert len(counted) == len(shapes) + 1  # that entry alone was measured again
+    assert "kernels" in json.loads(path.read_text())["shapes"][head]
+    assert chosen[LinearShape(VOCAB, 48, False, True)]
+
+
 def write_cache(step_seconds: dict[str, float]) -> None:
     """A cache in which each dtype's kernels take the given time per call."""
     shapes = tiny_shapes()

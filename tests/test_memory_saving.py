@@ -229,6 +229,23 @@ def test_the_lean_model_has_the_same_parameters_and_names():
     assert sum(1 for _ in lean.parameters()) == sum(1 for _ in plain.parameters())
 
 
+def test_switching_twice_changes_nothing_more():
+    ids = torch.randint(0, 97, (2, 16))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    once = use_memory_saving_kernels(_random_model()).train()
+    twice = use_memory_saving_kernels(use_memory_saving_kernels(_random_model())).train()
+    assert torch.equal(once(ids, targets), twice(ids, targets))
+
+
+def test_the_lean_loss_reduces_as_the_plain_one_or_refuses():
+    plain, lean = _random_model().train(), use_memory_saving_kernels(_random_model()).train()
+    ids = torch.randint(0, 97, (2, 16))
+    ignored = torch.full_like(ids, IGNORE_INDEX)
+    assert plain(ids, ignored).isnan() and lean(ids, ignored).isnan()  # a mean over no target
+    with pytest.raises(ValueError, match="reduction 'sum' or 'mean'"):
+        lean(ids, ids, reduction="none")
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_the_lean_model_gives_the_loss_and_gradients_of_the_plain_model(dtype):
     plain, lean = _random_model().train(), use_memory_saving_kernels(_random_model()).train()
