@@ -33,7 +33,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults after each flag's help (not for switches, which are off); the examples keep their lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # not `in`: a default of 0 equals False
             return action.help
         return super()._get_help_string(action)
 

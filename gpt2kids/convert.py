@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from gpt2kids.cli import run_cli
+from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model, load_tokenizer
 from gpt2kids.tokenizer import tokenizer_files_in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2kids.convert", description=__doc__)
+    parser = ArgumentParser(prog="python -m gpt2kids.convert", description=__doc__)
     parser.add_argument("spec", help="hub id, HF folder, pytorch_model.bin, sharded or prefix-less save")
     parser.add_argument("out_dir", type=Path, help="folder to write (config.json, model.safetensors, tokenizer)")
     args = parser.parse_args(argv)

@@ -46,7 +46,7 @@ class TrainConfig:
                                     "(GPT-2 Small)", choices=("tiny", "small"))
     tokenizer: str | None = flag(None, "tokenizer.json or a folder with one (default: the init checkpoint's; "
                                        "with --init scratch, a BPE trained on the stories)")
-    vocab_size: int = flag(8000, "size of a tokenizer trained with --init scratch")
+    vocab_size: int = flag(8000, "the most tokens of a tokenizer trained with --init scratch")
     out: str | None = flag(None, "run folder (default: runs/<date-time>)")
     epochs: int = flag(10, "passes over the training stories")
     batch_size: int = flag(8, "micro-batch: sequences per forward")

@@ -485,7 +485,9 @@ def report_where_things_are(run: Run, seconds: float) -> None:
     spent = run.seconds
     run.reporter.say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
                      f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
-    run.reporter.say(f"generate: python generate.py --model {folder} \"{SAMPLE_PROMPT}\"")
+    # best/ where there is one: what evaluate compares and push publishes (a run folder alone means final/).
+    export = next((folder / name for name in ("best", "final") if (folder / name).is_dir()), folder)
+    run.reporter.say(f"generate: python generate.py --model {export} \"{SAMPLE_PROMPT}\"")
     run.reporter.say(f"watch:    tensorboard --logdir {folder}")
 
 
@@ -504,18 +506,27 @@ def push_export(run: Run) -> None:
 
 # --- before the first step -----------------------------------------------------------------------
 
+def base_model_name(config: TrainConfig) -> str:
+    """What the run started from, as its model card names it: a hub id, a folder, or "scratch (tiny)"."""
+    return f"scratch ({config.model_size})" if config.init == "scratch" else config.init
+
+
 def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer, str]:
     """The model to fine-tune (or train from scratch) and its tokenizer; also names the base model."""
     if config.init == "scratch":
         if config.tokenizer:
             tokenizer = Tokenizer.from_path(config.tokenizer)
         else:
-            print(f"training a {config.vocab_size}-token byte-level BPE on the training stories", file=sys.stderr)
+            print(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories",
+                  file=sys.stderr)
             tokenizer = Tokenizer.train(train_stories, config.vocab_size)
+            print(f"the BPE has {tokenizer.vocab_size} tokens (a small corpus runs out of merges sooner)"
+                  if tokenizer.vocab_size < config.vocab_size else f"the BPE has {tokenizer.vocab_size} tokens",
+                  file=sys.stderr)
         model_config = preset(config.model_size, tokenizer.vocab_size, tokenizer.eos_id)
         if config.dropout is not None:
             model_config = model_config.with_dropout(config.dropout)
-        return GPT2(model_config), tokenizer, f"scratch ({config.model_size})"
+        return GPT2(model_config), tokenizer, base_model_name(config)
     model, folder = load_model(config.init, dropout=config.dropout)
     tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else load_tokenizer(folder)
     return model, tokenizer, config.init
@@ -546,7 +557,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
                                                saved.state.get("tokenizer_eos_id"))
-        base_model = config.init
+        base_model = base_model_name(config)
     else:
         model, tokenizer, base_model = build_model_and_tokenizer(config, train_stories)
     if tokenizer.vocab_size > model.config.vocab_size:

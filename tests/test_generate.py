@@ -276,6 +276,8 @@ def test_help_shows_defaults_and_examples():
     train_help = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
                                 timeout=60)
     assert "(default: 5e-05)" in train_help.stdout and "examples:" in train_help.stdout
+    assert "(default: 0)" in " ".join(train_help.stdout.split())  # --warmup-steps: a default of 0 is shown too
+    assert "from its last checkpoint (default" not in " ".join(train_help.stdout.split())  # --resume: a switch
 
 
 def test_prompts_file_gives_one_record_per_prompt_in_order(model_folder, tmp_path):

@@ -300,6 +300,12 @@ def test_convert_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_with_a_bad_flag_is_one_line(tmp_path):
+    result = run_convert(str(tmp_path / "model"), str(tmp_path / "out"), "--bogus")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "--bogus" in result.stderr
+
+
 def test_convert_refuses_a_file_as_its_output_folder(tmp_path, reference):
     reference.save_pretrained(tmp_path / "model")
     (tmp_path / "notes.txt").write_text("keep")

@@ -41,7 +41,7 @@ def test_the_end_of_a_run_says_where_the_model_is_and_the_bar_is_not_redrawn(tmp
     lines = result.stderr.splitlines()
     assert f"exports: {out / 'best'}/, {out / 'final'}/; the run folder holds" in result.stderr
     assert any(line.endswith("MB") or line.endswith("KB") for line in lines if "the run folder holds" in line)
-    assert f"python generate.py --model {out} " in result.stderr
+    assert f"python generate.py --model {out / 'best'} " in result.stderr  # the export push would publish
     assert f"tensorboard --logdir {out}" in result.stderr
     # After the epoch's summary line nothing redraws the finished bar.
     summary = result.stderr.index("epoch 1/1: train loss")
@@ -52,4 +52,5 @@ def test_a_max_steps_run_also_says_where_the_model_is(tmp_path, init_folder, cor
     out = tmp_path / "run"
     result = run_train(*flags(init_folder, corpus, out, "--max-steps", "2"))
     assert result.returncode == 0, result.stderr
-    assert f"exports: {out / 'final'}/" in result.stderr and "generate.py --model" in result.stderr
+    assert f"exports: {out / 'final'}/" in result.stderr
+    assert f"python generate.py --model {out / 'final'} " in result.stderr  # no evaluation yet: no best/

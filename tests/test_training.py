@@ -394,6 +394,16 @@ def test_resuming_at_max_steps_trains_nothing_and_writes_nothing(tmp_path, init_
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
+def test_a_resumed_scratch_run_names_its_start_as_a_run_never_stopped_does(tmp_path, corpus):
+    from gpt2kids.train_config import TrainConfig
+
+    settings = dict(init="scratch", model_size="tiny", data=str(corpus), out=str(tmp_path / "run"), batch_size=2,
+                    block_size=32, device="cpu", precision="fp32", vocab_size=300)
+    train(TrainConfig(**settings, max_steps=1))
+    train(TrainConfig(**settings, max_steps=2, resume=True))
+    assert "trained from scratch (tiny)" in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
 def test_best_card_holds_the_row_of_its_own_epoch(tmp_path, init_folder, corpus):
     out = tmp_path / "run"
     progress = train(config_for(init_folder, corpus, out, epochs=2))
