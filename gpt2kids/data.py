@@ -212,12 +212,14 @@ class Dataset:
     train_stories: int
     eval_stories: int
     train_bytes: int
+    train_tokens: int  # the training stories' tokens, end-of-text included (a block's last one has no target)
 
 
 def build_dataset(train_stories: list[str], eval_stories: list[str], tokenizer: Tokenizer,
                   block_size: int) -> Dataset:
     """Tokenise (cached) and pack both sets into blocks."""
-    train = pack_blocks(tokenize_stories(train_stories, tokenizer), block_size, tokenizer.eos_id)
+    stream = tokenize_stories(train_stories, tokenizer)
+    train = pack_blocks(stream, block_size, tokenizer.eos_id)
     if train.token_count == 0:
         raise UserError(f"the training stories give no training tokens at --block-size {block_size}; "
                         "add stories or raise --block-size")
@@ -225,7 +227,7 @@ def build_dataset(train_stories: list[str], eval_stories: list[str], tokenizer: 
     if eval_stories:
         evaluation = pack_blocks(tokenize_stories(eval_stories, tokenizer), block_size, tokenizer.eos_id)
     return Dataset(train, evaluation, len(train_stories), len(eval_stories),
-                   sum(len(s.encode("utf-8")) for s in train_stories))
+                   sum(len(s.encode("utf-8")) for s in train_stories), len(stream))
 
 
 def load_split(data: str | Path, eval_data: str | Path | None, eval_fraction: float,

@@ -24,7 +24,10 @@ class Reporter:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if resumed else None)
+        # Every session starts with a SessionLog START (a new run's at step 0): TensorBoard's Python loader
+        # takes the first START of a run as its beginning and only a later one as a restart that drops the
+        # steps a killed session logged after its checkpoint.
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if resumed else 0)
         if not resumed:
             values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
             for summary in hparams(values, {"eval/loss": 0.0, "eval/perplexity": 0.0}):

@@ -22,8 +22,21 @@ TRAIN_CONFIG = "train_config.json"
 EXPORTS = ("best", "final")
 
 
+INPUT_PATHS = ("data", "eval_data", "tokenizer", "init")
+
+
+def make_inputs_absolute(config: TrainConfig) -> None:
+    """The local paths among the inputs, made absolute (in place): a run resumes from any folder, and a
+    local --init like owner/name is never taken for a hub id later."""
+    for name in INPUT_PATHS:
+        value = getattr(config, name)
+        if value and value != "scratch" and Path(value).expanduser().exists():
+            setattr(config, name, str(Path(value).expanduser().resolve()))
+
+
 def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
     """Resolve `--out`, refuse to overwrite a run, and on `--resume` restore the run's own settings."""
+    make_inputs_absolute(config)
     name = dist.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
     out = Path(config.out) if config.out else Path("runs") / name
     has_run = (out / TRAIN_CONFIG).is_file() or checkpoint.exists(out)

@@ -235,6 +235,7 @@ def training_state(run: Run, rng_by_rank: list[dict[str, Any]]) -> dict[str, Any
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "rng_by_rank": rng_by_rank,
+        "world_size": run.dist.world_size,  # the block order and the schedule's length depend on it
         "progress": dataclasses.asdict(run.progress),
         "model_config": run.model.config.to_hf_dict(),
         "tokenizer": run.tokenizer.backend.to_str(),
@@ -298,7 +299,7 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         "dropout": run.model.config.resid_pdrop,
     }
     description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
-                   f"{dataset.train.token_count:,} tokens), {dataset.eval_stories} held out")
+                   f"{dataset.train_tokens:,} tokens), {dataset.eval_stories} held out")
     stopped = progress.stopped_early
     if stopped is None and which == "final" and progress.step < run.total_steps:
         stopped = f"--max-steps {config.max_steps}"
@@ -308,7 +309,7 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
         total_steps=run.total_steps, stopped_early=stopped,
         eval_loss=progress.best_eval_loss if which == "best" else None, model_id=config.push_to_hub,
-        **({"dataset_name": Path(config.data).name} if config.data else {}))
+        **({"dataset_name": Path(config.eval_data or config.data).name} if config.eval_data or config.data else {}))
     return model_card.card_files(facts)
 
 
@@ -547,6 +548,11 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     if config.resume and saved is None and dist.is_main:
         print(f"{folder} holds no checkpoint yet (the run stopped before its first one): starting it again from "
               "step 0 with its saved settings", file=sys.stderr)
+    processes = saved.state.get("world_size") if saved is not None else None  # older checkpoints: not recorded
+    if processes is not None and processes != dist.world_size:
+        raise UserError(f"the run in {folder} was trained by {processes} process(es) and this is {dist.world_size}; "
+                        f"resume it with the same count (torchrun --nproc_per_node={processes}, or plain python for "
+                        "1): the order of its blocks and its schedule depend on it")
     dist.barrier()  # every process has read the checkpoint before a damaged one is moved aside
     if saved is not None and saved.folder != folder / checkpoint.CHECKPOINT and dist.is_main:
         if (folder / checkpoint.CHECKPOINT).exists():

@@ -172,3 +172,20 @@ def test_a_training_run_writes_cards_for_best_and_final(tmp_path, init_folder, c
     assert final.data.base_model is None  # started from a local folder, not a hub id
     assert len(polylines((out / "final" / "loss.svg").read_text())[1]) == 2
 
+
+
+def test_the_card_counts_the_training_tokens_and_names_the_set_it_evaluated_on(tmp_path, init_folder, corpus):
+    from gpt2kids import data
+    from gpt2kids.tokenizer import Tokenizer
+    from gpt2kids.training import train
+
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text("Pada suatu hari, Kancil pergi ke sungai.\n\nBudi membaca buku cerita.", encoding="utf-8")
+    out = tmp_path / "run"
+    train(config_for(init_folder, corpus, out, epochs=1, eval_data=str(held_out)))
+    card = ModelCard.load(out / "final" / "README.md")
+    # Every token of the training stories, end-of-text included (not the loss targets: one fewer per block).
+    tokens = len(data.tokenize_stories(data.read_stories(corpus), Tokenizer.from_path(init_folder)))
+    assert f"{tokens:,} tokens)" in card.text
+    [result] = [result for result in card.data.eval_results if result.metric_type == "loss"]
+    assert result.dataset_name == "held-out.txt"  # the loss was measured there, not on --data

@@ -9,10 +9,15 @@ from test_checkpoint import flags, run_with_fault
 
 
 def scalar_events(run_dir) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """The scalars as TensorBoard's Python loader serves them (`tensorboard --load_fast=false`): it takes a
+    run's first SessionLog START as its beginning and only a later one as a restart (the legacy
+    EventAccumulator purges on any START, so it would not see a resume that fails to be one)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0}).Reload()
-    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0}).Reload()
+    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto))) for event in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"] if events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
 
 
 def test_a_killed_and_resumed_run_logs_every_step_once(tmp_path, init_folder, corpus):

@@ -201,6 +201,41 @@ def test_ddp_stop_and_resume_with_dropout_ends_with_the_same_weights(tmp_path, i
         assert torch.equal(straight[key], continued[key]), key
 
 
+def test_a_run_resumes_only_with_the_process_count_it_was_trained_with(tmp_path, init_folder, corpus):
+    out = tmp_path / "run"
+    common = ["--data", str(corpus), "--init", str(init_folder), "--block-size", "64", "--device", "cpu",
+              "--precision", "fp32", "--out", str(out)]
+    assert run_train(*common, "--max-steps", "2").returncode == 0
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", "--out", str(out), "--resume"],
+                             cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode != 0
+    assert "was trained by 1 process(es) and this is 2; resume it with the same count" in resumed.stderr
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, init_folder, corpus):
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(corpus, work / "stories")
+    shutil.copytree(init_folder, work / "models" / "init")  # "models/init" looks like a hub id
+    elsewhere.mkdir()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def train_py(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "train.py"), *flags], cwd=cwd, env=environment,
+                              capture_output=True, text=True, timeout=300)
+
+    first = train_py(work, "--data", "stories", "--init", "models/init", "--block-size", "64", "--device", "cpu",
+                     "--precision", "fp32", "--max-steps", "2", "--out", "runs/r")
+    assert first.returncode == 0, first.stderr
+    resumed = train_py(elsewhere, "--out", str(work / "runs" / "r"), "--resume", "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    card = (work / "runs" / "r" / "final" / "README.md").read_text()
+    assert "base_model:" not in card  # a local folder, not the hub's models/init
+
+
 def test_stop_and_resume_ends_with_the_same_weights(tmp_path, init_folder, corpus):
     # Dropout on and bf16 autocast: the RNG state and the data position both have to be restored.
     settings = dict(dropout=0.1, precision="bf16", eval_every=5)
