@@ -86,6 +86,9 @@ def main(argv: Sequence[str]) -> int:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     check_prompt_text(prompts)  # before anything is loaded or printed
+    if args.interactive and (prompts or args.serve):
+        raise UserError("--interactive reads its prompts from standard input, one per line: drop the PROMPT "
+                        "arguments, --prompts-file and --serve")
     if args.serve:
         if len(prompts) > 1 or args.num_return_sequences != 1:
             raise UserError("--serve shows one story at a time: give at most one PROMPT (the page's first prompt) "

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import re
+import socket
 import sys
 import threading
 import time
@@ -125,15 +126,18 @@ def _whole(value: float, name: str) -> int:
     return int(value)
 
 
-def _seed(text: str | float | None) -> int | None:
-    """The seed box's value: empty for none, else a whole number (an API client may send a number)."""
-    if isinstance(text, int | float):
-        return _whole(text, "seed")
+def _seed(text: str | None) -> int | None:
+    """The seed box's value (gradio hands the page's and API clients' values over as text): empty for none, else
+    a whole number, "7.0" included."""
     if text is None or not text.strip():
         return None
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
+        return _whole(float(text), "seed")
+    except (ValueError, UserError):
         raise UserError("seed must be a whole number (or empty: a different story each time), "
                         f"got {text.strip()!r}") from None
 
@@ -201,16 +205,21 @@ def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int 
     """Serve `build_app(model, tokenizer, **page)` on http://host:port until Ctrl-C."""
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
+    cannot_serve = UserError(f"cannot serve on {host}:{port}: the port is in use, or the address is not one of "
+                             "this machine's; pass another --port or --host")
+    try:  # first by hand: gradio finds out after seconds of retries, and its server logs a line of its own
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError:
+        raise cannot_serve from None
     app = build_app(model, tokenizer, **page)
     try:
         # Nothing leaves this machine: no share link, no server-side rendering (a Node process),
         # no browser opened; quiet, because stdout is for generated text only.
         _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
                                quiet=True, prevent_thread_lock=True)
-    except OSError:
-        # gradio reports every failure to start (port taken, address not this machine's) the same way.
-        raise UserError(f"cannot serve on {host}:{port}: the port is in use, or the address is not one of this "
-                        "machine's; pass another --port or --host") from None
+    except OSError:  # taken in the meantime
+        raise cannot_serve from None
     print(f"serving {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     try:
         while app.is_running:
@@ -218,4 +227,4 @@ def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int 
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr)
     finally:
-        app.close()
+        app.close(verbose=False)  # gradio would say so on stdout, which holds generated text only

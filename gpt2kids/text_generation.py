@@ -46,7 +46,7 @@ def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]
 def read_prompts_file(path: str) -> list[str]:
     """Prompts from a file: one per line, or a `.jsonl` with a "prompt" field; `-` reads standard input."""
     if path == "-":
-        text, name = sys.stdin.read(), "standard input"
+        text, name = read_standard_input(), "standard input"
     else:
         try:
             text, name = Path(path).read_text(encoding="utf-8"), path
@@ -59,6 +59,18 @@ def read_prompts_file(path: str) -> list[str]:
         return jsonl_field(text, "prompt", name)
     # Lines end at "\n" only: str.splitlines would also cut a prompt at form feeds and Unicode separators.
     return [line for line in text.split("\n") if line.strip()]
+
+
+def read_standard_input() -> str:
+    """All of standard input as UTF-8 text (bytes, decoded here: the terminal's encoding may be stricter)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in its place
+        return sys.stdin.read()
+    try:
+        return stream.read().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"standard input is not UTF-8 text (byte {error.start} is not); save the prompts as "
+                        "UTF-8") from None
 
 
 def check_prompt_text(prompts: Sequence[str], first_number: int = 1) -> None:
@@ -157,7 +169,13 @@ class StoryGenerator:
         print("type a prompt and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
         while True:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            stream = getattr(sys.stdin, "buffer", None)
+            raw = stream.readline() if stream is not None else sys.stdin.readline()
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError:
+                warn_on_stderr("that line is not UTF-8 text (check the terminal's encoding); type it again")
+                continue
             if not line.strip():
                 return
-            self.write_stories([line.rstrip("\n")], settings, output_format, seed)
+            self.write_stories([line.rstrip("\r\n")], settings, output_format, seed)

@@ -310,6 +310,33 @@ def test_interactive_continues_each_line_with_the_model_loaded_once(model_folder
     assert result.stderr.count("model: ") == 1
 
 
+def test_interactive_takes_lines_ending_in_crlf_and_asks_again_after_a_line_that_is_not_utf8(model_folder):
+    common = ["--interactive", "--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "2", "--greedy"]
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), *common], cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"},
+                            input=b"Satu\r\nSat\xffu\nDua\r\n\r\n", capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.decode("utf-8").split("\n") if line]
+    assert [record["prompt"] for record in records] == ["Satu", "Dua"]
+    assert b"that line is not UTF-8 text" in result.stderr
+
+
+def test_prompts_from_standard_input_that_are_not_utf8_are_one_line(model_folder):
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--prompts-file", "-", "--model",
+                             str(model_folder)], cwd=REPO, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+                            input=b"Sat\xffu\n", capture_output=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.decode() == ("error: standard input is not UTF-8 text (byte 3 is not); "
+                                      "save the prompts as UTF-8\n")
+
+
+@pytest.mark.parametrize("extra", [["Satu"], ["--serve"]])
+def test_interactive_with_other_prompts_is_refused(model_folder, extra):
+    result = run("--interactive", "--model", str(model_folder), *extra, stdin="Dua\n")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--interactive reads its prompts from standard input" in result.stderr
+
+
 def test_offline_without_a_model_the_error_names_the_offline_demo(tmp_path):
     result = run("Halo", cwd=tmp_path, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"))
     assert result.returncode == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -134,9 +135,9 @@ def server(story_model, tmp_path_factory) -> Iterator[str]:
             time.sleep(0.25)
         yield url
     finally:
-        process.terminate()
+        process.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -281,6 +282,24 @@ def test_a_taken_port_is_one_line(monkeypatch, tokenizer, story_model):
         with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}: the port is in use") as error:
             serve(model.eval(), tokenizer, "127.0.0.1", port)
     assert "--port" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_seed_box_takes_whole_numbers_as_any_client_sends_them():
+    from gpt2kids.serve import _seed
+
+    assert [_seed(text) for text in ("", "  ", None, "7", " 7.0 ", "1e3")] == [None, None, None, 7, 7, 1000]
+    for text in ("abc", "7.5", "nan"):
+        with pytest.raises(UserError, match="seed must be a whole number"):
+            _seed(text)
+
+
+def test_an_address_not_of_this_machine_is_one_line_at_once(capfd, tokenizer, story_model):
+    model, _ = load_model(story_model)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="cannot serve on 192.0.2.1:7861: .* not one of this machine's"):
+        serve(model.eval(), tokenizer, "192.0.2.1", 7861)  # TEST-NET-1: never a local address
+    assert time.monotonic() - start < 5
+    assert capfd.readouterr().err == ""  # no line of the web server's own
 
 
 # --- the stream, in-process (no gradio needed) ---------------------------------------------------
