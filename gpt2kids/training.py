@@ -61,6 +61,7 @@ class Progress:
     epoch: int = 0  # current epoch, from 0
     step_in_epoch: int = 0
     best_eval_loss: float | None = None
+    last_eval: tuple[int, float] | None = None  # (step, eval loss) of the latest evaluation, for final/'s card
     evaluations_without_improvement: int = 0
     epoch_loss_sum: float = 0.0  # summed token loss of this epoch so far, for the epoch's train loss
     epoch_tokens: int = 0
@@ -213,6 +214,7 @@ def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = N
         progress.history.append(end_of_epoch_row)
     if eval_loss is None:
         return None
+    progress.last_eval = (progress.step, eval_loss)
     run.reporter.scalars({"eval/loss": eval_loss, "eval/perplexity": perplexity(eval_loss)}, progress.step)
     if run.dist.is_main:
         with timing(run, "evaluating"):
@@ -285,6 +287,13 @@ def timing(run: Run, activity: str) -> Iterator[None]:
         run.seconds[activity] += time.perf_counter() - start
 
 
+def final_eval_loss(progress: Progress) -> float | None:
+    """The eval loss of the weights at this step, when this step was evaluated (within an epoch too)."""
+    if progress.last_eval is None or progress.last_eval[0] != progress.step:
+        return None
+    return progress.last_eval[1]
+
+
 def card_files_for(run: Run, which: str) -> dict[str, str]:
     """The card files of a run's `best/` or `final/` export, at the run's current step."""
     config, dataset, progress = run.config, run.dataset, run.progress
@@ -308,7 +317,8 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         hyperparameters=hyperparameters, history=list(progress.history), export=which,
         epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
         total_steps=run.total_steps, stopped_early=stopped,
-        eval_loss=progress.best_eval_loss if which == "best" else None, model_id=config.push_to_hub,
+        eval_loss=progress.best_eval_loss if which == "best" else final_eval_loss(progress),
+        model_id=config.push_to_hub,
         **({"dataset_name": Path(config.eval_data or config.data).name} if config.eval_data or config.data else {}))
     return model_card.card_files(facts)
 
@@ -530,7 +540,7 @@ def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> 
         return GPT2(model_config), tokenizer, base_model_name(config)
     model, folder = load_model(config.init, dropout=config.dropout)
     tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else load_tokenizer(folder)
-    return model, tokenizer, config.init
+    return model, tokenizer, base_model_name(config)
 
 
 def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:

@@ -418,6 +418,12 @@ def test_early_stopping_counts_the_evaluations_within_an_epoch(tmp_path, init_fo
     assert progress.stopped_early.startswith("2 evaluations in a row brought no eval loss below 3.0000")
     assert "stopped early" in (out / "final" / "README.md").read_text()
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 6
+    # final/ holds step 6's weights, evaluated at step 6 within the epoch: its card reports that loss.
+    from huggingface_hub import ModelCard
+
+    [loss] = [r.metric_value for r in ModelCard.load(out / "final" / "README.md").data.eval_results
+              if r.metric_type == "loss"]
+    assert loss == 3.2
 
 
 def test_resuming_at_max_steps_trains_nothing_and_writes_nothing(tmp_path, init_folder, corpus, capsys):
