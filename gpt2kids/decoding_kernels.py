@@ -199,9 +199,14 @@ class WideCacheAttention(CausalSelfAttention):
         return super().attention(q.to(k.dtype), k, v, mask).to(q.dtype)
 
 
+def one_row(kernels: str) -> str:
+    """The one-row choice of a "ONE/MORE" decision."""
+    return kernels.split("/")[0]
+
+
 def kv_cache_dtype(kernels: str) -> torch.dtype:
     """The KV cache's dtype for one row as chosen for an `AttentionShape`, whose "ONE/MORE" names dtypes."""
-    return DTYPES[kernels.split("/")[0]]
+    return DTYPES[one_row(kernels)]
 
 
 def hold_kv_cache_in(model: GPT2, dtype: torch.dtype) -> None:
@@ -329,7 +334,7 @@ def foreign_share(run: Callable[[], dict]) -> tuple[dict, float]:
 def usable(entry: object) -> bool:
     """Whether a cached entry holds a decision that can be read (a damaged one is measured again)."""
     try:
-        one = entry["kernels"].split("/")[0]
+        one = one_row(entry["kernels"])
         return (one in COPY or one in DTYPES) and isinstance(entry["seconds"]["1"][one], float)
     except (TypeError, KeyError, AttributeError):
         return False
@@ -399,7 +404,7 @@ def decoding_dtype(config: GPT2Config | None = None) -> torch.dtype:
     step = {}
     for dtype in (torch.float32, torch.bfloat16):
         entries = [(count, known[shape.key(dtype)]) for shape, count in shapes.items()]
-        step[dtype] = sum(count * entry["seconds"]["1"][entry["kernels"].split("/")[0]] for count, entry in entries)
+        step[dtype] = sum(count * entry["seconds"]["1"][one_row(entry["kernels"])] for count, entry in entries)
     chosen = torch.bfloat16 if step[torch.bfloat16] < step[torch.float32] else torch.float32
     print(f"decoding dtype for this machine ({note}): {DTYPE_NAMES[chosen]}; a step's products and attention take "
           f"{1e3 * step[torch.bfloat16]:.1f} ms in bf16, {1e3 * step[torch.float32]:.1f} ms in fp32", file=sys.stderr)

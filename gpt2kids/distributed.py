@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
 
 
@@ -35,9 +36,8 @@ class Distributed:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = (torch.cuda.is_available() and device_name == "auto") or device_name.startswith("cuda")
-        if use_cuda and not torch.cuda.is_available():
-            raise UserError(f"--device {device_name} asked for CUDA but no CUDA GPU is available; use --device cpu")
         if use_cuda:
+            resolve_device(device_name)  # a --device that is not there: its one line, before any GPU is touched
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))

@@ -135,15 +135,15 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
-        if not refused:  # not a refusal: the bytes are not a pickle of tensors at all
-            raise UserError(f"{path} cannot be read as a PyTorch weights file; it may be truncated or damaged, "
-                            "re-download or re-export it") from None
-        raise UserError(f"{path} is not a plain weights file: it asks to run code when unpickled, which "
-                        f"gpt2kids refuses ({refused[0]}); convert it to safetensors in a trusted place") from None
     except Exception as error:
-        raise UserError(f"{path} cannot be read as a PyTorch weights file ({error}); it may be truncated, "
+        unpickling = isinstance(error, pickle.UnpicklingError)
+        refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+        if unpickling and refused:
+            raise UserError(f"{path} is not a plain weights file: it asks to run code when unpickled, which "
+                            f"gpt2kids refuses ({refused[0]}); convert it to safetensors in a trusted place") from None
+        # Not a refusal: the bytes are not a pickle of tensors (torch's unpickling message only says it refused).
+        detail = "" if unpickling else f" ({error})"
+        raise UserError(f"{path} cannot be read as a PyTorch weights file{detail}; it may be truncated or damaged, "
                         "re-download or re-export it") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
