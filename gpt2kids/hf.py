@@ -1,13 +1,7 @@
-"""Hugging Face <-> gpt2kids: read any GPT-2 checkpoint, write HF-format folders.
-
-Reading accepts a hub id (downloaded once through huggingface_hub and cached), an HF folder with
-`model.safetensors`, sharded safetensors, or a `pytorch_model.bin` (read with `weights_only=True`,
-never a full unpickle), keys with or without the `transformer.` prefix, and ignores the
-`attn.bias` / `attn.masked_bias` buffers older saves carry. A gpt2kids run folder resolves to its
-`final/` export, else `best/`.
+"""Hugging Face <-> gpt2kids: read any GPT-2 checkpoint (hub id, HF folder, run folder), write HF-format folders.
 
 HF's GPT-2 uses Conv1D layers that store weights as (in, out); `nn.Linear` stores (out, in). The
-four such weights are transposed on the way in and on the way out.
+four such weights (CONV1D_WEIGHTS) are transposed on the way in and on the way out.
 """
 
 from __future__ import annotations
@@ -85,13 +79,11 @@ def _download(repo_id: str) -> Path:
     offline_switch = hub_offline()
     offline = offline_switch is not None
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=offline,
-                                        allow_patterns=[*side_files, "model*.safetensors",
-                                                        "model.safetensors.index.json"]))
-        if not has_weights(folder):
-            folder = Path(snapshot_download(repo_id, local_files_only=offline,
-                                            allow_patterns=[*side_files, "pytorch_model*.bin",
-                                                            "pytorch_model.bin.index.json"]))
+        for weights in (["model*.safetensors", "model.safetensors.index.json"],
+                        ["pytorch_model*.bin", "pytorch_model.bin.index.json"]):
+            folder = Path(snapshot_download(repo_id, local_files_only=offline, allow_patterns=[*side_files, *weights]))
+            if has_weights(folder):
+                break
     except Exception as error:  # huggingface_hub raises many classes; all mean "could not get it"
         # The hub could not be asked, or the cache's file listing names files this cache never fetched
         # (e.g. weights in a format not chosen here): a cached config and weights are enough.
@@ -202,7 +194,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
         if key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t().contiguous()  # a parameter, not a strided view of the file's tensor
         ours[key] = tensor
-    expected = _expected_shapes(config)
+    expected = {key: tuple(value.shape) for key, value in empty_model(config).untied_state_dict().items()}
     differences = {"missing": sorted(set(expected) - set(ours)), "unexpected": sorted(set(ours) - set(expected))}
     parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
              for label, keys in differences.items() if keys]
@@ -213,10 +205,6 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
             raise UserError(f"weight {key} has shape {tuple(ours[key].shape)} but config.json implies {shape}; "
                             "the weights and config.json disagree")
     return ours
-
-
-def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in empty_model(config).untied_state_dict().items()}
 
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
