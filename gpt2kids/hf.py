@@ -297,12 +297,6 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 # --- writing an HF folder -------------------------------------------------------------------------
 
-def generation_config(config: GPT2Config, pad_token_id: int | None = None) -> dict[str, object]:
-    pad = pad_token_id if pad_token_id is not None else config.eos_token_id
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": pad, "do_sample": True, "max_new_tokens": 100}
-
-
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
            card_files: dict[str, str] | None = None) -> None:
     """Write an HF-format folder atomically: the old folder stays whole until the new one is done.
@@ -316,11 +310,14 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
         # stops where gpt2kids does.
         config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
         pad_id = tokenizer.token_id("pad_token")
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.eos_token_id if pad_id is None else pad_id,
+                  "do_sample": True, "max_new_tokens": 100}
 
     def fill(folder: Path) -> None:  # a fresh folder, synced and swapped in whole by replace_folder
         save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
         texts = {"config.json": json.dumps(config.to_hf_dict(), indent=2) + "\n",
-                 "generation_config.json": json.dumps(generation_config(config, pad_id), indent=2) + "\n",
+                 "generation_config.json": json.dumps(generation, indent=2) + "\n",
                  **(card_files or {})}
         for name, text in texts.items():
             (folder / name).write_text(text, encoding="utf-8")
