@@ -171,14 +171,11 @@ def _load_sharded(index: Path, load_shard: Callable[[Path], dict[str, torch.Tens
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The raw state dict stored in an HF folder, safetensors preferred."""
-    if (folder / "model.safetensors").is_file():
-        return _load_safetensors(folder / "model.safetensors")
-    if (folder / "model.safetensors.index.json").is_file():
-        return _load_sharded(folder / "model.safetensors.index.json", _load_safetensors)
-    if (folder / "pytorch_model.bin").is_file():
-        return _load_bin(folder / "pytorch_model.bin")
-    if (folder / "pytorch_model.bin.index.json").is_file():
-        return _load_sharded(folder / "pytorch_model.bin.index.json", _load_bin)
+    for name, load in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        if (folder / name).is_file():
+            return load(folder / name)
+        if (folder / f"{name}.index.json").is_file():  # sharded
+            return _load_sharded(folder / f"{name}.index.json", load)
     raise UserError(f"{folder} holds no weights (model.safetensors, a sharded index or pytorch_model.bin); "
                     "pass a folder with a complete checkpoint")
 
