@@ -1,10 +1,8 @@
 """python -m gpt2kids.evaluate: the loss and perplexity of one or more models on a set of texts.
 
-The texts are prepared as Hugging Face's causal-LM recipe (run_clm) prepares them: tokenized, concatenated
-with nothing between them, cut into blocks of `--block-size` tokens, the last partial block dropped. The
-loss is the mean over every next-token prediction (T - 1 per block of T), as the 2021 Trainer behind the
-published card reported its eval loss, so the figure stands beside that card's 3.777. Models that share
-a tokenizer are scored on the very same blocks; one with another tokenizer gets its own, and a note says so.
+The blocks are made as Hugging Face's causal-LM recipe (run_clm) makes them (`make_blocks`), and the loss is
+the mean over every next-token prediction, as the 2021 Trainer behind the published card reported its eval
+loss, so the figure stands beside that card's 3.777.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""Hugging Face <-> gpt2kids: read any GPT-2 checkpoint, write HF-format folders.
-
-Reading accepts a hub id (downloaded once through huggingface_hub and cached), an HF folder with
-`model.safetensors`, sharded safetensors, or a `pytorch_model.bin` (read with `weights_only=True`,
-never a full unpickle), keys with or without the `transformer.` prefix, and ignores the
-`attn.bias` / `attn.masked_bias` buffers older saves carry. A gpt2kids run folder resolves to its
-`final/` export, else `best/`.
+"""Hugging Face <-> gpt2kids: read any GPT-2 checkpoint (hub id, HF folder, run folder), write HF-format folders.
 
 HF's GPT-2 uses Conv1D layers that store weights as (in, out); `nn.Linear` stores (out, in). The
-four such weights are transposed on the way in and on the way out.
+four such weights (CONV1D_WEIGHTS) are transposed on the way in and on the way out.
 """
 
 from __future__ import annotations
@@ -85,13 +79,11 @@ def _download(repo_id: str) -> Path:
     offline_switch = hub_offline()
     offline = offline_switch is not None
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=offline,
-                                        allow_patterns=[*side_files, "model*.safetensors",
-                                                        "model.safetensors.index.json"]))
-        if not has_weights(folder):
-            folder = Path(snapshot_download(repo_id, local_files_only=offline,
-                                            allow_patterns=[*side_files, "pytorch_model*.bin",
-                                                            "pytorch_model.bin.index.json"]))
+        for weights in (["model*.safetensors", "model.safetensors.index.json"],
+                        ["pytorch_model*.bin", "pytorch_model.bin.index.json"]):
+            folder = Path(snapshot_download(repo_id, local_files_only=offline, allow_patterns=[*side_files, *weights]))
+            if has_weights(folder):
+                break
     except Exception as error:  # huggingface_hub raises many classes; all mean "could not get it"
         # The hub could not be asked, or the cache's file listing names files this cache never fetched
         # (e.g. weights in a format not chosen here): a cached config and weights are enough.
@@ -179,14 +171,11 @@ def _load_sharded(index: Path, load_shard: Callable[[Path], dict[str, torch.Tens
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The raw state dict stored in an HF folder, safetensors preferred."""
-    if (folder / "model.safetensors").is_file():
-        return _load_safetensors(folder / "model.safetensors")
-    if (folder / "model.safetensors.index.json").is_file():
-        return _load_sharded(folder / "model.safetensors.index.json", _load_safetensors)
-    if (folder / "pytorch_model.bin").is_file():
-        return _load_bin(folder / "pytorch_model.bin")
-    if (folder / "pytorch_model.bin.index.json").is_file():
-        return _load_sharded(folder / "pytorch_model.bin.index.json", _load_bin)
+    for name, load in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        if (folder / name).is_file():
+            return load(folder / name)
+        if (folder / f"{name}.index.json").is_file():  # sharded
+            return _load_sharded(folder / f"{name}.index.json", load)
     raise UserError(f"{folder} holds no weights (model.safetensors, a sharded index or pytorch_model.bin); "
                     "pass a folder with a complete checkpoint")
 
@@ -202,7 +191,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
         if key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t().contiguous()  # a parameter, not a strided view of the file's tensor
         ours[key] = tensor
-    expected = _expected_shapes(config)
+    expected = {key: tuple(value.shape) for key, value in empty_model(config).untied_state_dict().items()}
     differences = {"missing": sorted(set(expected) - set(ours)), "unexpected": sorted(set(ours) - set(expected))}
     parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
              for label, keys in differences.items() if keys]
@@ -213,10 +202,6 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPT2Config) ->
             raise UserError(f"weight {key} has shape {tuple(ours[key].shape)} but config.json implies {shape}; "
                             "the weights and config.json disagree")
     return ours
-
-
-def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in empty_model(config).untied_state_dict().items()}
 
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
@@ -309,12 +294,6 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 # --- writing an HF folder -------------------------------------------------------------------------
 
-def generation_config(config: GPT2Config, pad_token_id: int | None = None) -> dict[str, object]:
-    pad = pad_token_id if pad_token_id is not None else config.eos_token_id
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": pad, "do_sample": True, "max_new_tokens": 100}
-
-
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
            card_files: dict[str, str] | None = None) -> None:
     """Write an HF-format folder atomically: the old folder stays whole until the new one is done.
@@ -328,11 +307,14 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
         # stops where gpt2kids does.
         config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
         pad_id = tokenizer.token_id("pad_token")
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.eos_token_id if pad_id is None else pad_id,
+                  "do_sample": True, "max_new_tokens": 100}
 
     def fill(folder: Path) -> None:  # a fresh folder, synced and swapped in whole by replace_folder
         save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
         texts = {"config.json": json.dumps(config.to_hf_dict(), indent=2) + "\n",
-                 "generation_config.json": json.dumps(generation_config(config, pad_id), indent=2) + "\n",
+                 "generation_config.json": json.dumps(generation, indent=2) + "\n",
                  **(card_files or {})}
         for name, text in texts.items():
             (folder / name).write_text(text, encoding="utf-8")

@@ -1,7 +1,6 @@
 """Upload an export to the Hugging Face hub: `python -m gpt2kids.push PATH REPO_ID [--private]`.
 
-PATH is an export folder, or a run folder (then its `best/`, else `final/`). The folder is checked to
-be complete before anything is sent; nothing local is changed.
+Nothing local is changed; `export_folder` says which folder is sent and checks it is complete first.
 """
 
 from __future__ import annotations

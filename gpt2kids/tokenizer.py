@@ -1,9 +1,7 @@
 """GPT-2's byte-level BPE tokenizer: load it, train one, save it in the forms HF reads.
 
-A checkpoint's tokenizer is read the way `transformers.AutoTokenizer` reads a GPT-2 folder, so ids
-match what the base model was trained on: `tokenizer.json` (or `vocab.json` + `merges.txt`), the
-special tokens that `tokenizer_config.json` and `special_tokens_map.json` declare (the map wins, as in
-transformers, unless the config lists `added_tokens_decoder`), and the config's `add_prefix_space`.
+A checkpoint's tokenizer is read the way `transformers.AutoTokenizer` reads a GPT-2 folder (side files
+included: `read_side_files`), so ids match what the base model was trained on.
 
 The end-of-text token, which ends every training story and stops generation, is chosen in this order:
 1. `eos_id` given by the caller: the model's `eos_token_id`, where transformers' `generate` stops
@@ -53,6 +51,9 @@ def _token_text(value: object) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when there is no such file."""
+    if not path.is_file():
+        return {}
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -68,13 +69,13 @@ def read_side_files(folder: Path) -> tuple[dict[str, str], bool | None]:
     add_prefix_space follows transformers: a GPT-2 tokenizer class (named, or implied by a GPT-2 model's
     config.json) takes it from tokenizer_config.json, default False; None leaves tokenizer.json's in force.
     """
-    config_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config_path = folder / "tokenizer_config.json"
+    config = _read_json(config_path)
     declared = {role: _token_text(config.get(role)) for role in SPECIAL_ROLES}
-    if map_path.is_file() and "added_tokens_decoder" not in config:
+    if "added_tokens_decoder" not in config:
         # transformers lets special_tokens_map.json override the config, except in newer saves
         # (those with added_tokens_decoder), where it reads the config alone.
-        mapping = _read_json(map_path)
+        mapping = _read_json(folder / "special_tokens_map.json")
         declared.update({role: _token_text(mapping[role]) for role in SPECIAL_ROLES if role in mapping})
     special = {role: token for role, token in declared.items() if token is not None}
     add_prefix_space: bool | None = None
@@ -91,12 +92,9 @@ def read_side_files(folder: Path) -> tuple[dict[str, str], bool | None]:
 def added_tokens_of(folder: Path) -> dict[int, tuple[str, bool]]:
     """{id: (token, special)} of the tokens a vocab.json + merges.txt save added past its vocabulary: older
     transformers wrote them to added_tokens.json, newer ones to tokenizer_config.json's added_tokens_decoder."""
-    added: dict[int, tuple[str, bool]] = {}
-    path = folder / "added_tokens.json"
-    if path.is_file():
-        added.update({token_id: (content, False) for content, token_id in _read_json(path).items()
-                      if isinstance(token_id, int)})
-    config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    added = {token_id: (content, False) for content, token_id in _read_json(folder / "added_tokens.json").items()
+             if isinstance(token_id, int)}
+    config = _read_json(folder / "tokenizer_config.json")
     for token_id, token in (config.get("added_tokens_decoder") or {}).items():
         content = _token_text(token)
         if content is not None and str(token_id).isdigit():
@@ -141,8 +139,7 @@ class Tokenizer:
         self.backend = backend
         declared = {role: token for role, token in (special_tokens or {}).items()
                     if role in SPECIAL_ROLES and isinstance(token, str) and token}
-        vocab_size = self.vocab_size
-        if eos_id is not None and 0 <= eos_id < vocab_size and backend.id_to_token(eos_id) is not None:
+        if eos_id is not None and 0 <= eos_id < self.vocab_size and backend.id_to_token(eos_id) is not None:
             chosen = eos_id
         elif "eos_token" in declared and backend.token_to_id(declared["eos_token"]) is not None:
             chosen = backend.token_to_id(declared["eos_token"])
@@ -180,13 +177,12 @@ class Tokenizer:
         """
         path = Path(path)
         if path.is_dir():
-            folder = path
             if (path / "tokenizer.json").is_file():
                 path = path / "tokenizer.json"
             elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                special, add_prefix_space = read_side_files(folder)
+                special, add_prefix_space = read_side_files(path)
                 return cls.from_vocab_and_merges(path / "vocab.json", path / "merges.txt", special,
-                                                 bool(add_prefix_space), eos_id, added_tokens_of(folder))
+                                                 bool(add_prefix_space), eos_id, added_tokens_of(path))
             else:
                 raise UserError(f"{path} holds no tokenizer.json and no vocab.json + merges.txt; "
                                 "pass --tokenizer with a tokenizer file or folder")
