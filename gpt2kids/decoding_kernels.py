@@ -416,8 +416,7 @@ def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
         for (parent, name), shape in shapes.items():
             module = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
             setattr(parent, name, module)
-        attention = AttentionShape(model.config.n_head, model.config.head_dim)
-        cache_dtype = kv_cache_dtype(chosen[attention])
+        cache_dtype = kv_cache_dtype(chosen[AttentionShape(model.config.n_head, model.config.head_dim)])
     else:  # a GPU's kernels read row-major weights fastest
         for linear in (getattr(parent, name) for parent, name in shapes):
             linear.weight.data = linear.weight.data.contiguous()
