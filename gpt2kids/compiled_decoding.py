@@ -3,11 +3,9 @@
 A decode step multiplies one row per sequence by every weight. With the weights frozen into the
 graph as constants, inductor's C++ GEMM template can lay each one out for those products, and
 max-autotune times its kernels against ATen's on this machine while compiling, keeping the faster.
-On CPU the one query's attention is written out (`OneQueryAttention`), so that inductor makes loops
-over the KV cache of it instead of calling SDPA.
-It costs a compile (tens of seconds on a small CPU) when the model loads, so it is for long sessions:
-`--serve`, `--interactive`, large prompt files. Only one-token steps run compiled; the prompt's
-forward stays eager, and so does everything after the logits (sampling, the finite check).
+The compile comes when the model loads, so it is for long sessions (`--serve`, `--interactive`, large
+prompt files). Only one-token steps run compiled; the prompt's forward stays eager, and so does
+everything after the logits (sampling, the finite check).
 """
 
 from __future__ import annotations

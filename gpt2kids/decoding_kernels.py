@@ -4,14 +4,11 @@ A decode step multiplies one row per sequence (or a few) by each weight: two FLO
 it is bound by how fast a kernel streams weights, which depends on the CPU, torch's oneDNN and BLAS
 builds and the thread count. So the candidates, all `x @ W.T + b` with fp32 sums, are timed on weights
 of the model's shapes and the decisions cached per machine, never chosen by a CPU's name or flags:
-- `linear` (`F.linear`, as the plain model) and `mv` (`torch.addmv`, one row) on the (out, in) weight;
-- `packed`: oneDNN's Linear on a weight reordered into its blocked format (what torch.compile calls); for
-  the tied LM head a copy beside the embedding's weight;
-- `split`: the output columns in one block per thread, one `baddbmm`; `bag` (one row): the same blocks
-  through `F.embedding_bag` with per-sample weights x (x @ W.T is the x-weighted sum of W.T's rows);
-- `cols`: a matmul against a column-major copy of the tied LM head, which the embedding reads too.
-The KV cache's dtype is chosen the same way: one-query attention over bf16 keys can be slower than
-casting the query up and attending over fp32 keys (`AttentionShape`, `WideCacheAttention`).
+`linear` (`F.linear`) and `mv` (`torch.addmv`, one row) on the (out, in) weight; `packed`: oneDNN's Linear
+on a reordered copy (what torch.compile calls); `split`: the output columns in one block per thread, one
+`baddbmm`; `bag` (one row): the same blocks through `F.embedding_bag` with per-sample weights x (x @ W.T
+is the x-weighted sum of W.T's rows); `cols`: a column-major copy of the tied LM head, which the
+embedding reads too. The KV cache's dtype is chosen the same way (`AttentionShape`).
 None needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
 """
 
@@ -118,8 +115,7 @@ class DecodingLinear(nn.Module):
             padded = torch.cat([padded, F.pad(self.bias.detach(), (0, padding))[:, None]], dim=1)
         self.register_buffer("one", torch.ones(1, dtype=weight.dtype))
         if embedding is None:  # block after block, so that each thread streams its own
-            blocks = padded.view(self.parts, width, -1).transpose(1, 2).contiguous()
-            table = blocks
+            blocks = table = padded.view(self.parts, width, -1).transpose(1, 2).contiguous()
         else:  # one column-major copy: `cols` reads it whole; the blocks and the embedding are strided views
             self.register_buffer("cols", padded.t().contiguous())
             embedding.weight.data = self.cols[:, :self.out_features].t()  # (GPT-2's head has no bias)
@@ -217,11 +213,6 @@ def hold_kv_cache_in(model: GPT2, dtype: torch.dtype) -> None:
             block.attn.__class__ = WideCacheAttention  # a subclass that only casts: the module keeps its state
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One-query attention as `WideCacheAttention` runs it (over a cache in the weights' dtype, plain SDPA)."""
-    return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values).to(q.dtype)
-
-
 @torch.inference_mode()
 def time_attention(shape: AttentionShape, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     """Median seconds of one-query attention over `CACHED_KEYS` keys held in `dtype` or in fp32, for 1 and 8 rows."""
@@ -233,8 +224,8 @@ def time_attention(shape: AttentionShape, dtype: torch.dtype) -> dict[str, dict[
         samples: dict[str, list[float]] = {name: [] for name in caches}
         for _ in range(10 * ROUNDS):  # alternating, so that a disturbance hits both
             for name, cache in caches.items():
-                start = time.perf_counter()
-                attend(q, cache, cache)
+                start = time.perf_counter()  # one-query attention as `WideCacheAttention` runs it
+                F.scaled_dot_product_attention(q.to(cache.dtype), cache, cache).to(q.dtype)
                 samples[name].append(time.perf_counter() - start)
         timings[str(rows)] = {name: statistics.median(values[1:]) for name, values in samples.items()}
     return timings
@@ -399,7 +390,7 @@ def choose_kernels(shapes: Mapping[Shape, int], dtype: torch.dtype, force: str |
 def decoding_dtype(config: GPT2Config | None = None) -> torch.dtype:
     """bf16 if a batch-1 decode step's products and attention (`config`'s shapes, GPT-2 Small's by default) run
     faster than in fp32."""
-    shapes = decoding_shapes(empty_model(config if config is not None else GPT2Config()))
+    shapes = decoding_shapes(empty_model(config or GPT2Config()))
     known, note = ensure_measured(shapes, [torch.float32, torch.bfloat16])
     step = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -425,8 +416,7 @@ def optimize_for_decoding(model: GPT2, kernel: str | None = None) -> GPT2:
         for (parent, name), shape in shapes.items():
             module = DecodingLinear(getattr(parent, name), chosen[shape], embedding if shape.tied else None)
             setattr(parent, name, module)
-        attention = AttentionShape(model.config.n_head, model.config.head_dim)
-        cache_dtype = kv_cache_dtype(chosen[attention])
+        cache_dtype = kv_cache_dtype(chosen[AttentionShape(model.config.n_head, model.config.head_dim)])
     else:  # a GPU's kernels read row-major weights fastest
         for linear in (getattr(parent, name) for parent, name in shapes):
             linear.weight.data = linear.weight.data.contiguous()

@@ -8,6 +8,7 @@ two side by side would each run at half speed): requests wait in gradio's queue 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -131,10 +132,8 @@ def _seed(text: str | None) -> int | None:
     a whole number, "7.0" included."""
     if text is None or not text.strip():
         return None
-    try:
+    with contextlib.suppress(ValueError):  # exact, however long: float() would round it
         return int(text)
-    except ValueError:
-        pass
     try:
         return _whole(float(text), "seed")
     except (ValueError, UserError):

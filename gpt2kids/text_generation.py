@@ -169,8 +169,7 @@ class StoryGenerator:
         print("type a prompt and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
         while True:
             print("> ", end="", file=sys.stderr, flush=True)
-            stream = getattr(sys.stdin, "buffer", None)
-            raw = stream.readline() if stream is not None else sys.stdin.readline()
+            raw = getattr(sys.stdin, "buffer", sys.stdin).readline()  # bytes, or text from a text stream
             try:
                 line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
             except UnicodeDecodeError:
