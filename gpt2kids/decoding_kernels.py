@@ -4,11 +4,14 @@ A decode step multiplies one row per sequence (or a few) by each weight: two FLO
 it is bound by how fast a kernel streams weights, which depends on the CPU, torch's oneDNN and BLAS
 builds and the thread count. So the candidates, all `x @ W.T + b` with fp32 sums, are timed on weights
 of the model's shapes and the decisions cached per machine, never chosen by a CPU's name or flags:
-`linear` (`F.linear`) and `mv` (`torch.addmv`, one row) on the (out, in) weight; `packed`: oneDNN's Linear
-on a reordered copy (what torch.compile calls); `split`: the output columns in one block per thread, one
-`baddbmm`; `bag` (one row): the same blocks through `F.embedding_bag` with per-sample weights x (x @ W.T
-is the x-weighted sum of W.T's rows); `cols`: a column-major copy of the tied LM head, which the
-embedding reads too. The KV cache's dtype is chosen the same way (`AttentionShape`).
+- `linear` (`F.linear`, as the plain model) and `mv` (`torch.addmv`, one row) on the (out, in) weight;
+- `packed`: oneDNN's Linear on a weight reordered into its blocked format (what torch.compile calls); for
+  the tied LM head a copy beside the embedding's weight;
+- `split`: the output columns in one block per thread, one `baddbmm`; `bag` (one row): the same blocks
+  through `F.embedding_bag` with per-sample weights x (x @ W.T is the x-weighted sum of W.T's rows);
+- `cols`: a matmul against a column-major copy of the tied LM head, which the embedding reads too.
+The KV cache's dtype is chosen the same way: one-query attention over bf16 keys can be slower than
+casting the query up and attending over fp32 keys (`AttentionShape`, `WideCacheAttention`).
 None needs `torch.backends.mkldnn.enabled` flipped, a process-wide switch unsafe while threads decode.
 """
 
