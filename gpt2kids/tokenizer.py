@@ -93,7 +93,7 @@ def added_tokens_of(folder: Path) -> dict[int, tuple[str, bool]]:
     """{id: (token, special)} of the tokens a vocab.json + merges.txt save added past its vocabulary: older
     transformers wrote them to added_tokens.json, newer ones to tokenizer_config.json's added_tokens_decoder."""
     added = {token_id: (content, False) for content, token_id in _read_json(folder / "added_tokens.json").items()
-             if isinstance(token_id, int)}
+             if type(token_id) is int}  # not a JSON true/false, which Python counts as ints
     config = _read_json(folder / "tokenizer_config.json")
     for token_id, token in (config.get("added_tokens_decoder") or {}).items():
         content = _token_text(token)

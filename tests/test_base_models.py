@@ -292,6 +292,15 @@ def test_an_added_token_whose_id_cannot_be_kept_is_refused(tmp_path):
         Tokenizer.from_path(tmp_path)
 
 
+def test_an_added_token_whose_id_is_not_a_number_is_skipped(tmp_path):
+    backend = roberta_style_bpe(with_end_of_text=True)
+    write_vocab_and_merges(backend, tmp_path)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[TOKOH]": True, "[LAIN]": "7"}))
+    tokenizer = Tokenizer.from_path(tmp_path)
+    assert tokenizer.vocab_size == backend.get_vocab_size()
+    assert tokenizer.backend.token_to_id("[TOKOH]") is None
+
+
 def test_a_tokenizer_trained_here_keeps_end_of_text(tmp_path):
     tokenizer = Tokenizer.train(SAMPLE_TEXTS, vocab_size=300)
     tokenizer.save(tmp_path)
