@@ -503,12 +503,11 @@ def report_where_things_are(run: Run, seconds: float) -> None:
 
 
 def push_export(run: Run) -> None:
-    from gpt2kids.push import export_folder
-    from gpt2kids.push import push_export as push
+    from gpt2kids import push
 
     try:
-        which = export_folder(run.folder)  # best/, else final/
-        url = push(which, run.config.push_to_hub, private=run.config.private)
+        which = push.export_folder(run.folder)  # best/, else final/
+        url = push.push_export(which, run.config.push_to_hub, private=run.config.private)
     except UserError as error:
         raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {run.folder} "
                         f"{run.config.push_to_hub}") from None
@@ -522,8 +521,8 @@ def base_model_name(config: TrainConfig) -> str:
     return f"scratch ({config.model_size})" if config.init == "scratch" else config.init
 
 
-def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer, str]:
-    """The model to fine-tune (or train from scratch) and its tokenizer; also names the base model."""
+def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer]:
+    """The model to fine-tune (or train from scratch) and its tokenizer."""
     if config.init == "scratch":
         if config.tokenizer:
             tokenizer = Tokenizer.from_path(config.tokenizer)
@@ -531,16 +530,15 @@ def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> 
             print(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories",
                   file=sys.stderr)
             tokenizer = Tokenizer.train(train_stories, config.vocab_size)
-            print(f"the BPE has {tokenizer.vocab_size} tokens (a small corpus runs out of merges sooner)"
-                  if tokenizer.vocab_size < config.vocab_size else f"the BPE has {tokenizer.vocab_size} tokens",
-                  file=sys.stderr)
+            note = " (a small corpus runs out of merges sooner)" if tokenizer.vocab_size < config.vocab_size else ""
+            print(f"the BPE has {tokenizer.vocab_size} tokens{note}", file=sys.stderr)
         model_config = preset(config.model_size, tokenizer.vocab_size, tokenizer.eos_id)
         if config.dropout is not None:
             model_config = model_config.with_dropout(config.dropout)
-        return GPT2(model_config), tokenizer, base_model_name(config)
+        return GPT2(model_config), tokenizer
     model, folder = load_model(config.init, dropout=config.dropout)
     tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else load_tokenizer(folder)
-    return model, tokenizer, base_model_name(config)
+    return model, tokenizer
 
 
 def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
@@ -573,9 +571,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
                                                saved.state.get("tokenizer_eos_id"))
-        base_model = base_model_name(config)
     else:
-        model, tokenizer, base_model = build_model_and_tokenizer(config, train_stories)
+        model, tokenizer = build_model_and_tokenizer(config, train_stories)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
                         f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")
@@ -614,7 +611,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
     run = Run(config, folder, model, forward, tokenizer, dataset, plan, optimizer, scheduler, scaler, precision,
-              device, dist, base_model)
+              device, dist, base_model_name(config))
     if saved is not None:
         restore(run, saved)
         if run.progress.finished:
