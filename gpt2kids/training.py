@@ -97,7 +97,7 @@ class Run:
     precision: Precision
     device: torch.device
     dist: Distributed
-    base_model: str
+    base_model: str  # what the run started from, as its model card names it: a hub id, a folder, "scratch (tiny)"
     reporter: Reporter | None = None
     progress: Progress = field(default_factory=Progress)
     stop_signal: signal.Signals | None = None
@@ -287,13 +287,6 @@ def timing(run: Run, activity: str) -> Iterator[None]:
         run.seconds[activity] += time.perf_counter() - start
 
 
-def final_eval_loss(progress: Progress) -> float | None:
-    """The eval loss of the weights at this step, when this step was evaluated (within an epoch too)."""
-    if progress.last_eval is None or progress.last_eval[0] != progress.step:
-        return None
-    return progress.last_eval[1]
-
-
 def card_files_for(run: Run, which: str) -> dict[str, str]:
     """The card files of a run's `best/` or `final/` export, at the run's current step."""
     config, dataset, progress = run.config, run.dataset, run.progress
@@ -309,6 +302,8 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
     }
     description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
                    f"{dataset.train_tokens:,} tokens), {dataset.eval_stories} held out")
+    # final/'s eval loss: the latest evaluation's, when it evaluated the weights of this step (within an epoch too).
+    final_eval = progress.last_eval[1] if progress.last_eval and progress.last_eval[0] == progress.step else None
     stopped = progress.stopped_early
     if stopped is None and which == "final" and progress.step < run.total_steps:
         stopped = f"--max-steps {config.max_steps}"
@@ -317,7 +312,7 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         hyperparameters=hyperparameters, history=list(progress.history), export=which,
         epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
         total_steps=run.total_steps, stopped_early=stopped,
-        eval_loss=progress.best_eval_loss if which == "best" else final_eval_loss(progress),
+        eval_loss=progress.best_eval_loss if which == "best" else final_eval,
         model_id=config.push_to_hub,
         **({"dataset_name": Path(config.eval_data or config.data).name} if config.eval_data or config.data else {}))
     return model_card.card_files(facts)
@@ -516,11 +511,6 @@ def push_export(run: Run) -> None:
 
 # --- before the first step -----------------------------------------------------------------------
 
-def base_model_name(config: TrainConfig) -> str:
-    """What the run started from, as its model card names it: a hub id, a folder, or "scratch (tiny)"."""
-    return f"scratch ({config.model_size})" if config.init == "scratch" else config.init
-
-
 def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer]:
     """The model to fine-tune (or train from scratch) and its tokenizer."""
     if config.init == "scratch":
@@ -610,8 +600,9 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     schedule = lr_lambda(config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
+    base_model = f"scratch ({config.model_size})" if config.init == "scratch" else config.init
     run = Run(config, folder, model, forward, tokenizer, dataset, plan, optimizer, scheduler, scaler, precision,
-              device, dist, base_model_name(config))
+              device, dist, base_model)
     if saved is not None:
         restore(run, saved)
         if run.progress.finished:
