@@ -380,8 +380,6 @@ def train_epoch(run: Run) -> bool:
 
 
 def finish_epoch(run: Run, seconds: float) -> None:
-    """Evaluate, add the epoch's row, export best/, say how it went, export final/ if the run is over, then
-    checkpoint."""
     progress = run.progress
     train_loss = progress.epoch_loss_sum / max(progress.epoch_tokens, 1)
     row = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss}
