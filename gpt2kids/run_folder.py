@@ -22,13 +22,10 @@ TRAIN_CONFIG = "train_config.json"
 EXPORTS = ("best", "final")
 
 
-INPUT_PATHS = ("data", "eval_data", "tokenizer", "init")
-
-
 def make_inputs_absolute(config: TrainConfig) -> None:
     """The local paths among the inputs, made absolute (in place): a run resumes from any folder, and a
     local --init like owner/name is never taken for a hub id later."""
-    for name in INPUT_PATHS:
+    for name in ("data", "eval_data", "tokenizer", "init"):
         value = getattr(config, name)
         if value and value != "scratch" and Path(value).expanduser().exists():
             setattr(config, name, str(Path(value).expanduser().resolve()))

@@ -114,17 +114,16 @@ class TrainConfig:
 def build_parser(with_defaults: bool = True) -> ArgumentParser:
     """The flags of `TrainConfig`; without defaults, a parse holds only the flags given."""
     parser = ArgumentParser(prog="python train.py", epilog=EXAMPLES,
-                            argument_default=None if with_defaults else argparse.SUPPRESS,
                             description="Fine-tune GPT-2 on Indonesian children's stories (or train one from "
                                         "scratch). Writes a run folder: TensorBoard events, checkpoints, and "
                                         "best/ and final/ exports that transformers loads unchanged.")
     for setting in dataclasses.fields(TrainConfig):
-        default = {"default": setting.default} if with_defaults else {}
+        default = setting.default if with_defaults else argparse.SUPPRESS
         if setting.type == "bool":
-            parser.add_argument(flag_name(setting.name), action="store_true", **default, **setting.metadata)
+            parser.add_argument(flag_name(setting.name), action="store_true", default=default, **setting.metadata)
             continue
         kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(setting.type, str)
-        parser.add_argument(flag_name(setting.name), type=kind, **default, **setting.metadata)
+        parser.add_argument(flag_name(setting.name), type=kind, default=default, **setting.metadata)
     return parser
 
 

@@ -97,7 +97,7 @@ class Run:
     precision: Precision
     device: torch.device
     dist: Distributed
-    base_model: str
+    base_model: str  # what the run started from, as its model card names it: a hub id, a folder, "scratch (tiny)"
     reporter: Reporter | None = None
     progress: Progress = field(default_factory=Progress)
     stop_signal: signal.Signals | None = None
@@ -287,13 +287,6 @@ def timing(run: Run, activity: str) -> Iterator[None]:
         run.seconds[activity] += time.perf_counter() - start
 
 
-def final_eval_loss(progress: Progress) -> float | None:
-    """The eval loss of the weights at this step, when this step was evaluated (within an epoch too)."""
-    if progress.last_eval is None or progress.last_eval[0] != progress.step:
-        return None
-    return progress.last_eval[1]
-
-
 def card_files_for(run: Run, which: str) -> dict[str, str]:
     """The card files of a run's `best/` or `final/` export, at the run's current step."""
     config, dataset, progress = run.config, run.dataset, run.progress
@@ -309,6 +302,8 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
     }
     description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
                    f"{dataset.train_tokens:,} tokens), {dataset.eval_stories} held out")
+    # final/'s eval loss: the latest evaluation's, when it evaluated the weights of this step (within an epoch too).
+    final_eval = progress.last_eval[1] if progress.last_eval and progress.last_eval[0] == progress.step else None
     stopped = progress.stopped_early
     if stopped is None and which == "final" and progress.step < run.total_steps:
         stopped = f"--max-steps {config.max_steps}"
@@ -317,7 +312,7 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         hyperparameters=hyperparameters, history=list(progress.history), export=which,
         epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
         total_steps=run.total_steps, stopped_early=stopped,
-        eval_loss=progress.best_eval_loss if which == "best" else final_eval_loss(progress),
+        eval_loss=progress.best_eval_loss if which == "best" else final_eval,
         model_id=config.push_to_hub,
         **({"dataset_name": Path(config.eval_data or config.data).name} if config.eval_data or config.data else {}))
     return model_card.card_files(facts)
@@ -385,8 +380,6 @@ def train_epoch(run: Run) -> bool:
 
 
 def finish_epoch(run: Run, seconds: float) -> None:
-    """Evaluate, add the epoch's row, export best/, say how it went, export final/ if the run is over, then
-    checkpoint."""
     progress = run.progress
     train_loss = progress.epoch_loss_sum / max(progress.epoch_tokens, 1)
     row = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss}
@@ -503,12 +496,11 @@ def report_where_things_are(run: Run, seconds: float) -> None:
 
 
 def push_export(run: Run) -> None:
-    from gpt2kids.push import export_folder
-    from gpt2kids.push import push_export as push
+    from gpt2kids import push
 
     try:
-        which = export_folder(run.folder)  # best/, else final/
-        url = push(which, run.config.push_to_hub, private=run.config.private)
+        which = push.export_folder(run.folder)  # best/, else final/
+        url = push.push_export(which, run.config.push_to_hub, private=run.config.private)
     except UserError as error:
         raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {run.folder} "
                         f"{run.config.push_to_hub}") from None
@@ -517,13 +509,8 @@ def push_export(run: Run) -> None:
 
 # --- before the first step -----------------------------------------------------------------------
 
-def base_model_name(config: TrainConfig) -> str:
-    """What the run started from, as its model card names it: a hub id, a folder, or "scratch (tiny)"."""
-    return f"scratch ({config.model_size})" if config.init == "scratch" else config.init
-
-
-def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer, str]:
-    """The model to fine-tune (or train from scratch) and its tokenizer; also names the base model."""
+def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer]:
+    """The model to fine-tune (or train from scratch) and its tokenizer."""
     if config.init == "scratch":
         if config.tokenizer:
             tokenizer = Tokenizer.from_path(config.tokenizer)
@@ -531,16 +518,15 @@ def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> 
             print(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories",
                   file=sys.stderr)
             tokenizer = Tokenizer.train(train_stories, config.vocab_size)
-            print(f"the BPE has {tokenizer.vocab_size} tokens (a small corpus runs out of merges sooner)"
-                  if tokenizer.vocab_size < config.vocab_size else f"the BPE has {tokenizer.vocab_size} tokens",
-                  file=sys.stderr)
+            note = " (a small corpus runs out of merges sooner)" if tokenizer.vocab_size < config.vocab_size else ""
+            print(f"the BPE has {tokenizer.vocab_size} tokens{note}", file=sys.stderr)
         model_config = preset(config.model_size, tokenizer.vocab_size, tokenizer.eos_id)
         if config.dropout is not None:
             model_config = model_config.with_dropout(config.dropout)
-        return GPT2(model_config), tokenizer, base_model_name(config)
+        return GPT2(model_config), tokenizer
     model, folder = load_model(config.init, dropout=config.dropout)
     tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else load_tokenizer(folder)
-    return model, tokenizer, base_model_name(config)
+    return model, tokenizer
 
 
 def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
@@ -573,9 +559,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
                                                saved.state.get("tokenizer_eos_id"))
-        base_model = base_model_name(config)
     else:
-        model, tokenizer, base_model = build_model_and_tokenizer(config, train_stories)
+        model, tokenizer = build_model_and_tokenizer(config, train_stories)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
                         f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")
@@ -613,6 +598,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     schedule = lr_lambda(config.schedule, config.warmup_steps, plan.steps_per_epoch * config.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
+    base_model = f"scratch ({config.model_size})" if config.init == "scratch" else config.init
     run = Run(config, folder, model, forward, tokenizer, dataset, plan, optimizer, scheduler, scaler, precision,
               device, dist, base_model)
     if saved is not None:
