@@ -95,7 +95,7 @@ def write_settings(folder: Path, config: TrainConfig) -> None:
 
 def human_size(size: float) -> str:
     for unit in ("bytes", "KB", "MB"):
-        if size < 1000:
+        if round(size, 1) < 1000:  # 999,950 bytes is "1.0 MB", not "1000.0 KB"
             return f"{size:.0f} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"

@@ -73,3 +73,5 @@ def test_human_size():
     assert run_folder.human_size(999) == "999 bytes"
     assert run_folder.human_size(3_800_000_000) == "3.8 GB"
     assert run_folder.human_size(512_300) == "512.3 KB"
+    assert run_folder.human_size(999_950) == "1.0 MB"  # rounding up moves to the next unit
+    assert run_folder.human_size(999_960_000) == "1.0 GB"
