@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = compute_dtype(hidden)
         h = hidden.to(dtype)
         w = weight.to(dtype)
-        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad_h, want_grad_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hidden) if want_grad_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
