@@ -132,8 +132,7 @@ def split_stories(stories: list[str], eval_fraction: float, seed: int) -> tuple[
 # --- tokenising, with a cache --------------------------------------------------------------------
 
 def cache_root() -> Path:
-    """Where gpt2kids keeps what it can compute again (token ids, decoding-kernel timings): $GPT2KIDS_CACHE, else
-    ~/.cache/gpt2kids."""
+    """Where gpt2kids keeps what it can compute again (token ids, decoding-kernel timings)."""
     return Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids"))
 
 
