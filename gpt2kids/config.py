@@ -132,10 +132,8 @@ class GPT2Config:
             raise UserError(f"config.json is not a valid GPT-2 config: {error}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        config = asdict(self)
-        config.update(FIXED_OPTIONS, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
-                      use_cache=True)
-        return config
+        return {**asdict(self), **FIXED_OPTIONS, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "n_ctx": self.n_positions, "use_cache": True}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPT2Config:
