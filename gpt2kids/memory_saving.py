@@ -250,12 +250,11 @@ class LeanGPT2(GPT2):
         # index_add_ is deterministic), when a loss is computed with gradients, by the eager modules.
         if targets is None or input_ids.device.type != "cpu" or _plain_path():
             return super().forward(input_ids, targets, reduction=reduction, **inputs)
-        embedding = self.transformer.wte
-        embedding.hand_off = []
+        self.transformer.wte.hand_off = []
         try:
             return super().forward(input_ids, targets, reduction=reduction, **inputs)
         finally:
-            embedding.hand_off = None
+            self.transformer.wte.hand_off = None
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         hand_off = self.transformer.wte.hand_off
