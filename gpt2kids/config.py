@@ -90,8 +90,7 @@ class GPT2Config:
         for name, limit in (("n_layer", MAX_LAYERS), ("n_embd", MAX_WIDTH), ("n_positions", MAX_CONTEXT),
                             ("vocab_size", MAX_VOCAB)):
             check(getattr(self, name) <= limit, f"{name}={getattr(self, name)} is absurd (at most {limit})")
-        check(self.n_embd % self.n_head == 0,
-              f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_inner is not None:
             check(isinstance(self.n_inner, int) and 0 < self.n_inner <= 8 * MAX_WIDTH,
                   f"n_inner={self.n_inner!r} must be a positive integer of sane size")
@@ -133,10 +132,8 @@ class GPT2Config:
             raise UserError(f"config.json is not a valid GPT-2 config: {error}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        config = asdict(self)
-        config.update(FIXED_OPTIONS, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
-                      use_cache=True)
-        return config
+        return {**asdict(self), **FIXED_OPTIONS, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "n_ctx": self.n_positions, "use_cache": True}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPT2Config:

@@ -2,9 +2,7 @@
 
 A block is `block_size` consecutive tokens of the concatenated stories, each story ended by the
 tokenizer's end-of-text token. As in Hugging Face's causal-LM recipe, a block predicts its own next
-tokens, so the last position of each block has no target; the final partial block is padded and its padding
-carries no target either. Eval loss is therefore the mean token cross-entropy over the held-out
-blocks, comparable with the published model's figures.
+tokens: the last position of each block, and the padding of the final partial block, have no target.
 """
 
 from __future__ import annotations
@@ -103,14 +101,11 @@ def read_stories(path: str | Path) -> list[str]:
         if skipped:
             warn(f"skipped {len(skipped)} file(s) in {path} that are not UTF-8 text: {', '.join(skipped[:10])}")
     elif path.is_file():
-        if path.suffix == ".jsonl":
-            stories = jsonl_field(_read_text_file(path), "text", path)
-        else:
-            stories = BLANK_LINES.split(_read_text_file(path))
+        text = _read_text_file(path)
+        stories = jsonl_field(text, "text", path) if path.suffix == ".jsonl" else BLANK_LINES.split(text)
     else:
         raise UserError(f"--data {path} does not exist; pass a folder of .txt stories, a .txt or a .jsonl")
-    stories = [story.strip() for story in stories]
-    stories = [story for story in stories if story]
+    stories = [story for story in map(str.strip, stories) if story]
     if not stories:
         raise UserError(f"--data {path} holds no stories (no non-empty UTF-8 text); check the path")
     return stories
@@ -137,8 +132,7 @@ def split_stories(stories: list[str], eval_fraction: float, seed: int) -> tuple[
 # --- tokenising, with a cache --------------------------------------------------------------------
 
 def cache_root() -> Path:
-    """Where gpt2kids keeps what it can compute again (token ids, decoding-kernel timings): $GPT2KIDS_CACHE, else
-    ~/.cache/gpt2kids."""
+    """Where gpt2kids keeps what it can compute again (token ids, decoding-kernel timings)."""
     return Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids"))
 
 
@@ -196,9 +190,7 @@ def pack_blocks(stream: torch.Tensor, block_size: int, pad_id: int) -> Blocks:
     padded = torch.full((blocks * block_size,), pad_id, dtype=torch.long)
     padded[: len(stream)] = stream
     inputs = padded.view(blocks, block_size)
-    valid = torch.zeros(blocks * block_size, dtype=torch.bool)
-    valid[: len(stream)] = True
-    valid = valid.view(blocks, block_size)
+    valid = (torch.arange(blocks * block_size) < len(stream)).view(blocks, block_size)
     targets = torch.full_like(inputs, IGNORE_INDEX)
     # Position t predicts token t + 1 of the same block, where that token is real.
     targets[:, :-1] = torch.where(valid[:, 1:], inputs[:, 1:], IGNORE_INDEX)
@@ -217,7 +209,6 @@ class Dataset:
 
 def build_dataset(train_stories: list[str], eval_stories: list[str], tokenizer: Tokenizer,
                   block_size: int) -> Dataset:
-    """Tokenise (cached) and pack both sets into blocks."""
     stream = tokenize_stories(train_stories, tokenizer)
     train = pack_blocks(stream, block_size, tokenizer.eos_id)
     if train.token_count == 0:

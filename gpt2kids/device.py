@@ -50,9 +50,7 @@ def cpu_has_fast_bf16() -> bool:
 def bf16_is_fast(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return cpu_has_fast_bf16()
-    return False
+    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def check_precision(name: str) -> None:

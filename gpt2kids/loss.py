@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = compute_dtype(hidden)
         h = hidden.to(dtype)
         w = weight.to(dtype)
-        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad_h, want_grad_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hidden) if want_grad_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -82,23 +82,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_logits *= v_block[:, None]
                     if not fp32_compute:
                         product_block.copy_(grad_logits)  # to the compute dtype, in the matmul buffer
-                if not wants_gradients:
-                    continue
                 grad_logits = products
                 if grad_h is not None:
                     grad_h[start:end] = grad_logits @ w
-                if grad_w is None:
-                    continue
-                if fp32_compute:
+                if grad_w is not None and fp32_compute:
                     grad_w.addmm_(grad_logits.t(), h_chunk)
-                    continue
-                # grad_w += grad_logits.T @ h_chunk, a block of rows at a time through two small buffers:
-                # whole, the product (compute dtype) and the fp32 copy `+=` makes of it would be two more
-                # (V, C) temporaries.
-                for first in range(0, vocab, ACCUMULATE_ROWS):
-                    last = min(first + ACCUMULATE_ROWS, vocab)
-                    product = torch.mm(grad_logits[:, first:last].t(), h_chunk, out=block[: last - first])
-                    grad_w[first:last] += block_fp32[: last - first].copy_(product)
+                elif grad_w is not None:
+                    # grad_w += grad_logits.T @ h_chunk, a block of rows at a time through two small buffers:
+                    # whole, the product (compute dtype) and the fp32 copy `+=` makes of it would be two more
+                    # (V, C) temporaries.
+                    for first in range(0, vocab, ACCUMULATE_ROWS):
+                        last = min(first + ACCUMULATE_ROWS, vocab)
+                        product = torch.mm(grad_logits[:, first:last].t(), h_chunk, out=block[: last - first])
+                        grad_w[first:last] += block_fp32[: last - first].copy_(product)
         # Held as attributes, not saved tensors, so that backward can hand them on as its own results.
         ctx.gradients = (grad_h, grad_w)
         ctx.weight_gradient_to = weight_gradient_to

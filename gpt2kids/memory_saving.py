@@ -3,14 +3,10 @@
 `use_memory_saving_kernels(model)` keeps every parameter, its name and its value, and changes only
 what is kept for the backward:
 
-- `RecomputingLinear`: LayerNorm -> Linear (ln_1 -> c_attn, ln_2 -> c_fc) and GELU -> Linear
-  (mlp.c_proj) as one autograd function that saves only its input and recomputes the rest;
-- `CausalDropoutAttention`: causal attention with dropout by blocks of queries, for CPU training,
-  where SDPA has no dropout kernel and falls back to materialising every (T, T) score;
-- `gpt2kids.loss.linear_cross_entropy`: the LM head and its loss in chunks of tokens, so the full
-  (tokens x vocabulary) logits never exist;
-- `TiedEmbedding`: on CPU, the token embedding adds its weight gradient into the LM head's (the same
-  weight) instead of into a tensor of its own.
+- `RecomputingLinear`: LayerNorm -> Linear and GELU -> Linear, saving only the input;
+- `CausalDropoutAttention`: causal attention with dropout by blocks of queries (CPU training);
+- `gpt2kids.loss.linear_cross_entropy`: the LM head and its loss in chunks of tokens;
+- `TiedEmbedding`: on CPU, the token embedding's weight gradient added into the tied LM head's.
 
 Without gradients (evaluation, sampling) and under torch.compile the modules compute through the
 plain PyTorch calls, so the compiler sees the textbook graph.
@@ -254,12 +250,11 @@ class LeanGPT2(GPT2):
         # index_add_ is deterministic), when a loss is computed with gradients, by the eager modules.
         if targets is None or input_ids.device.type != "cpu" or _plain_path():
             return super().forward(input_ids, targets, reduction=reduction, **inputs)
-        embedding = self.transformer.wte
-        embedding.hand_off = []
+        self.transformer.wte.hand_off = []
         try:
             return super().forward(input_ids, targets, reduction=reduction, **inputs)
         finally:
-            embedding.hand_off = None
+            self.transformer.wte.hand_off = None
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         hand_off = self.transformer.wte.hand_off
