@@ -82,7 +82,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_logits *= v_block[:, None]
                     if not fp32_compute:
                         product_block.copy_(grad_logits)  # to the compute dtype, in the matmul buffer
-                grad_logits = products
+                if not wants_gradients:
+                    continue
+                grad_logits = products  # d loss / d logits, in the compute dtype
                 if grad_h is not None:
                     grad_h[start:end] = grad_logits @ w
                 if grad_w is not None and fp32_compute:
