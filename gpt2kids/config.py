@@ -83,17 +83,23 @@ class GPT2Config:
             if not condition:
                 raise UserError(f"model config: {problem}")
 
+        def is_integer(value: object) -> bool:  # JSON's true and false are not sizes or ids
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                  f"{name} must be a positive integer, got {value!r}")
+            check(is_integer(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
         for name, limit in (("n_layer", MAX_LAYERS), ("n_embd", MAX_WIDTH), ("n_positions", MAX_CONTEXT),
                             ("vocab_size", MAX_VOCAB)):
             check(getattr(self, name) <= limit, f"{name}={getattr(self, name)} is absurd (at most {limit})")
         check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_inner is not None:
-            check(isinstance(self.n_inner, int) and 0 < self.n_inner <= 8 * MAX_WIDTH,
+            check(is_integer(self.n_inner) and 0 < self.n_inner <= 8 * MAX_WIDTH,
                   f"n_inner={self.n_inner!r} must be a positive integer of sane size")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            check(value is None or (is_integer(value) and value >= 0),
+                  f"{name} must be a token id (an integer >= 0) or null, got {value!r}")
         check(self.activation_function in ACTIVATIONS,
               f"activation_function {self.activation_function!r} is not supported "
               f"(one of {', '.join(ACTIVATIONS)})")

@@ -36,6 +36,9 @@ def test_presets():
     ({"model_type": "gpt2", "n_layer": -1}, "positive integer"),
     ({"model_type": "gpt2", "n_positions": "1024"}, "positive integer"),
     ({"model_type": "gpt2", "activation_function": "tanh"}, "not supported"),
+    ({"model_type": "gpt2", "n_inner": True}, "n_inner=True must be a positive integer"),
+    ({"model_type": "gpt2", "eos_token_id": "x"}, "eos_token_id must be a token id"),
+    ({"model_type": "gpt2", "bos_token_id": -1}, "bos_token_id must be a token id"),
     ({"model_type": "gpt2", "reorder_and_upcast_attn": True}, "supports only"),
     ({"model_type": "gpt2", "n_embd": 16384, "n_layer": 200, "n_head": 16}, "parameters is absurd"),
 ])
