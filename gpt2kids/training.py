@@ -220,7 +220,9 @@ def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = N
         with timing(run, "evaluating"):
             story = sample_story(run)
         run.reporter.text("sample", story, progress.step)
-    if progress.best_eval_loss is None or eval_loss < progress.best_eval_loss:
+    best = progress.best_eval_loss
+    # A non-finite loss is never best; a NaN best (kept by older versions) is beaten by any finite one.
+    if math.isfinite(eval_loss) and (best is None or math.isnan(best) or eval_loss < best):
         progress.best_eval_loss = eval_loss
         progress.evaluations_without_improvement = 0
         save_export(run, "best")

@@ -409,6 +409,17 @@ def test_early_stopping_stops_after_n_evaluations_without_a_new_best(tmp_path, i
     assert "epoch 2, step" in best and len(epoch_rows(best)) == 2  # best/ is epoch 2's, with the rows up to it
 
 
+def test_a_non_finite_eval_loss_is_never_the_best(tmp_path, init_folder, corpus, monkeypatch):
+    losses = iter([float("nan"), 5.0, float("inf"), 4.0])
+    monkeypatch.setattr(training, "evaluate", lambda run: next(losses))
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=4, early_stopping=2))
+    assert progress.finished and progress.stopped_early is None  # 5.0 and 4.0 were each a new best
+    assert progress.best_eval_loss == 4.0
+    best = (out / "best" / "README.md").read_text()
+    assert "epoch 4, step" in best and len(epoch_rows(best)) == 4
+
+
 def test_early_stopping_counts_the_evaluations_within_an_epoch(tmp_path, init_folder, corpus, monkeypatch):
     losses = iter([3.0, 3.1, 3.2] + [4.0] * 100)  # the evaluations at steps 4 and 6 bring no new lowest loss
     monkeypatch.setattr(training, "evaluate", lambda run: next(losses))
