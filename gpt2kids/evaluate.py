@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = choose_precision(args.precision, device)
     folders = [resolve(spec) for spec in args.models]
+    # A run folder is scored through one of its exports: the label names which.
+    labels = [f"{spec} ({folder.name}/)" if folder.parent == Path(spec).expanduser() else spec
+              for spec, folder in zip(args.models, folders, strict=True)]
     configs = [GPT2Config.from_json_file(folder / "config.json") for folder in folders]
     tokenizers = [load_tokenizer(folder) for folder in folders]
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--block-size {block_size} is too small; a block of T tokens gives T - 1 predictions, "
                         "so use 2 or more")
     blocks_of: dict[str, torch.Tensor] = {}  # serialized tokenizer -> its blocks
-    model_blocks = []
+    model_blocks: list[torch.Tensor] = []
     for spec, tokenizer, config in zip(args.models, tokenizers, configs, strict=True):
         if block_size > config.n_positions:
             raise UserError(f"--block-size {block_size} exceeds the context of {spec} ({config.n_positions} tokens); "
@@ -135,20 +139,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.data}: {len(texts)} texts; blocks of {block_size} tokens, the last partial block dropped; "
           f"{device} ({precision.name})", file=sys.stderr)
-    if len(blocks_of) > 1 and args.format == "jsonl":
+    # Tokenizers that serialize differently may still cut the texts into the same tokens: the blocks decide.
+    tokens_differ = any(not torch.equal(blocks, model_blocks[0]) for blocks in model_blocks[1:])
+    if tokens_differ and args.format == "jsonl":
         print(TOKENIZERS_DIFFER, file=sys.stderr)  # stdout holds JSON only
     results = []
-    for spec, folder, blocks in zip(args.models, folders, model_blocks, strict=True):
+    for label, folder, blocks in zip(labels, folders, model_blocks, strict=True):
         model, _ = load_model(folder, device)  # one model in memory at a time
         use_memory_saving_kernels(model)  # the loss by chunks: the full logits never exist
-        loss, predictions = mean_loss(model, blocks, precision, args.batch_size, label=spec)
+        loss, predictions = mean_loss(model, blocks, precision, args.batch_size, label=label)
         del model
-        results.append(Result(spec, loss, perplexity(loss), predictions, len(blocks)))
-        if args.format == "jsonl":
-            print(json.dumps(asdict(results[-1])), flush=True)
+        results.append(Result(label, loss, perplexity(loss), predictions, len(blocks)))
+        if not math.isfinite(loss):
+            print(f"warning: the loss of {label} is not finite: its weights or its precision overflow; try "
+                  "--precision fp32", file=sys.stderr)
+        if args.format == "jsonl":  # JSON has no NaN or Infinity: a non-finite figure is null
+            record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                      for key, value in asdict(results[-1]).items()}
+            print(json.dumps(record), flush=True)
     if args.format == "text":
         print(table(results))
-        if len(blocks_of) > 1:
+        if tokens_differ:
             print(TOKENIZERS_DIFFER)
     return 0
 

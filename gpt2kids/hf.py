@@ -111,10 +111,11 @@ def resolve(spec: str | Path) -> Path:
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
-        for export in ("final", "best"):  # a gpt2kids run folder
+        # A gpt2kids run folder means its best/ export (the lowest held-out loss), else final/, in every command.
+        for export in ("best", "final"):
             if (path / export / "config.json").is_file():
                 return path / export
-        raise UserError(f"{path} holds no config.json, and no final/ or best/ export; "
+        raise UserError(f"{path} holds no config.json, and no best/ or final/ export; "
                         "pass an HF model folder, a gpt2kids run folder, or a hub id")
     if HUB_ID.match(str(spec)) and not str(spec).startswith(("./", "../", "~")):
         return _download(str(spec))

@@ -38,8 +38,10 @@ def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]
     if spec is not None:
         return spec, "given by --model"
     configs = [config for pattern in ("*/final/config.json", "*/best/config.json") for config in runs.glob(pattern)]
-    if configs:
-        return str(max(configs, key=lambda config: config.stat().st_mtime).parent), f"the newest export under {runs}/"
+    if configs:  # the run whose export is newest, through its best/ else final/, as a run folder means
+        run = max(configs, key=lambda config: config.stat().st_mtime).parent.parent
+        export = next(run / name for name in ("best", "final") if (run / name / "config.json").is_file())
+        return str(export), f"the newest export under {runs}/"
     return HUB_DEFAULT, f"the published model, since {runs}/ holds no export (train one with python train.py)"
 
 

@@ -491,7 +491,7 @@ def report_where_things_are(run: Run, seconds: float) -> None:
     spent = run.seconds
     run.reporter.say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
                      f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
-    # best/ where there is one: what evaluate compares and push publishes (a run folder alone means final/).
+    # best/ where there is one, as the run folder alone would mean to generate, evaluate and push.
     export = next((folder / name for name in ("best", "final") if (folder / name).is_dir()), folder)
     run.reporter.say(f"generate: python generate.py --model {export} \"{SAMPLE_PROMPT}\"")
     run.reporter.say(f"watch:    tensorboard --logdir {folder}")

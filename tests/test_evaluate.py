@@ -167,6 +167,50 @@ def test_a_model_with_another_tokenizer_gets_its_own_blocks_and_a_note(models, t
     assert len(lines) == 4 and "tokenizers differ" in lines[3]
 
 
+def test_a_tokenizer_saved_again_by_transformers_gives_the_same_tokens_and_no_note(models, texts, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    folder_a, hf_a = models["a"]
+    resaved = tmp_path / "resaved"
+    hf_a.save_pretrained(resaved)
+    AutoTokenizer.from_pretrained(folder_a).save_pretrained(resaved)
+    # Serialized differently (transformers writes some unset fields its own way), yet the same tokens.
+    assert Tokenizer.from_path(resaved).backend.to_str() != Tokenizer.from_path(folder_a).backend.to_str()
+    records, err = run_jsonl(capsys, str(folder_a), str(resaved), "--data", str(texts), *CPU_FP32)
+    assert "tokenizers differ" not in err
+    assert records[0]["loss"] == records[1]["loss"] and records[0]["blocks"] == records[1]["blocks"]
+
+
+def test_a_run_folder_is_scored_through_its_best_export_and_says_so(models, texts, tmp_path, capsys):
+    _, hf_a = models["a"]
+    _, hf_b = models["b"]
+    run = tmp_path / "run"
+    for export, hf_model in (("best", hf_a), ("final", hf_b)):
+        hf_model.save_pretrained(run / export)
+        Tokenizer.from_path(models["a"][0]).save(run / export)
+    [from_run], _ = run_jsonl(capsys, str(run), "--data", str(texts), *CPU_FP32)
+    [from_best], _ = run_jsonl(capsys, str(run / "best"), "--data", str(texts), *CPU_FP32)
+    assert from_run["model"] == f"{run} (best/)"  # what push uploads from a run folder, too
+    assert from_run["loss"] == from_best["loss"]
+
+
+def test_a_non_finite_loss_is_null_in_jsonl_with_a_warning(models, texts, tmp_path, capsys):
+    folder_a, hf_a = models["a"]
+    broken = tmp_path / "broken"
+    hf_a.save_pretrained(broken)
+    Tokenizer.from_path(folder_a).save(broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "model.safetensors")
+    weights["transformer.ln_f.bias"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    assert evaluate.main([str(broken), "--data", str(texts), "--format", "jsonl", *CPU_FP32]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert record["loss"] is None and record["perplexity"] is None and record["blocks"] > 0
+    assert "loss of" in captured.err and "is not finite" in captured.err
+
+
 # --- precision ------------------------------------------------------------------------------------
 
 def test_bf16_lands_near_fp32(models, texts, capsys):

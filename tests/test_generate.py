@@ -220,6 +220,12 @@ def test_newest_export_is_the_default(tmp_path):
         os.utime(config, (1_000_000 + index * (-1 if name == "c/final" else 1),) * 2)
     assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "b" / "best")
     assert choose_model("given", tmp_path / "runs") == ("given", "given by --model")
+    # The newest run, through its best/ (as a run folder means), though its final/ was written after it.
+    for name, time in (("d/best", 3_000_000), ("d/final", 3_000_001)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.json").write_text("{}")
+        os.utime(tmp_path / "runs" / name / "config.json", (time, time))
+    assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "d" / "best")
 
 
 def test_stream_never_prints_half_a_character():

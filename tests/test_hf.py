@@ -328,12 +328,16 @@ def test_convert_leaves_a_folder_named_like_the_output_plus_old_alone(tmp_path, 
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_a_run_folder_resolves_to_its_final_export_else_best(tmp_path, reference):
+def test_a_run_folder_resolves_to_its_best_export_else_final(tmp_path, reference):
     from gpt2kids.hf import resolve
+    from gpt2kids.push import export_folder
 
     run = tmp_path / "run"
-    reference.save_pretrained(run / "best")
-    assert resolve(run) == run / "best"
     reference.save_pretrained(run / "final")
     assert resolve(run) == run / "final"
-    assert load_model(run)[1] == run / "final"
+    reference.save_pretrained(run / "best")
+    assert resolve(run) == run / "best"
+    assert load_model(run)[1] == run / "best"
+    (run / "best" / "README.md").write_text("card")  # push wants a complete export: the same one
+    (run / "best" / "tokenizer.json").write_text("{}")
+    assert export_folder(run) == run / "best"
