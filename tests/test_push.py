@@ -184,6 +184,15 @@ def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path,
     assert not out.exists()  # nothing trained, nothing written
 
 
+def test_a_run_stopped_by_max_steps_says_it_did_not_push(tmp_path, init_folder, corpus, hub, capsys):
+    out = tmp_path / "run"
+    progress = train(config_for(init_folder, corpus, out, epochs=1, max_steps=2, push_to_hub="me/kids"))
+    assert not progress.finished and hub == []
+    said = capsys.readouterr().err
+    assert "not pushed to me/kids: the run is not finished (step 2 of " in said
+    assert f"python -m gpt2kids.push {out} me/kids" in said
+
+
 def test_a_finished_run_with_push_to_hub_uploads_its_best_export(tmp_path, init_folder, corpus, hub, capsys):
     out = tmp_path / "run"
     progress = train(config_for(init_folder, corpus, out, epochs=1, push_to_hub="me/kids", private=True))
