@@ -49,6 +49,11 @@ def _hub_error(error: Exception, repo_id: str) -> UserError:
     if status == 403:
         return UserError(f"the token may not write to {repo_id} (403 Forbidden): use a token with write access, "
                          "and a repo under your own name or an organisation you belong to")
+    if status is not None:  # the hub answered: its own reason says what to fix, not the network
+        said = " ".join((error.server_message or str(error)).split())[:300]
+        if status >= 500:
+            return UserError(f"the hub could not take the upload to {repo_id} ({status}: {said}); retry later")
+        return UserError(f"the hub refused the upload to {repo_id} ({status}: {said}); fix what it names and retry")
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return UserError(f"the upload to {repo_id} failed ({reason}); check your network and retry")
 
@@ -65,7 +70,8 @@ def check_can_push(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise UserError(f"{repo_id!r} is not a hub repo id ({error}); use owner/name, e.g. "
+        reason = " ".join(str(error).split())  # one line, whatever the id holds
+        raise UserError(f"{repo_id!r} is not a hub repo id ({reason}); use owner/name, e.g. "
                         "yourname/gpt2-indo-kids-stories") from None
     offline_switch = hub_offline()
     if offline_switch is not None:

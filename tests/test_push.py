@@ -107,17 +107,22 @@ class FailingApi:
         self.uploads += 1
 
 
-def http_error(status: int) -> HfHubHTTPError:
+def http_error(status: int, server_message: str | None = None) -> HfHubHTTPError:
     request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
-    return HfHubHTTPError(f"{status} Client Error", response=httpx.Response(status, request=request))
+    message = f"{status} Client Error" + (f"\n\n{server_message}" if server_message else "")
+    return HfHubHTTPError(message, response=httpx.Response(status, request=request), server_message=server_message)
 
 
 @pytest.mark.parametrize(("error", "expected"), [
     (http_error(401), "run `hf auth login` again or set a valid HF_TOKEN"),
     (http_error(403), "may not write to me/kids (403 Forbidden)"),
-    (http_error(500), "the upload to me/kids failed (500 Client Error); check your network"),
+    (http_error(400, "Invalid metadata in README.md.\n- \"model-index[0]\" is invalid"),
+     "the hub refused the upload to me/kids (400: Invalid metadata in README.md. - \"model-index[0]\" is invalid); "
+     "fix what it names"),
+    (http_error(404), "the hub refused the upload to me/kids (404: 404 Client Error); fix what it names"),
+    (http_error(503), "the hub could not take the upload to me/kids (503: 503 Client Error); retry later"),
     (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"), "check your network and retry"),
-], ids=["401", "403", "500", "no network"])
+], ids=["401", "403", "400 with the hub's reason", "404", "503", "no network"])
 def test_hub_errors_become_one_line(tmp_path, hub, error, expected):
     fake_export(tmp_path / "best")
     api = FailingApi(error)
@@ -148,6 +153,7 @@ def push_cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
     ("missing", "is not a folder; pass an export"),
     ("incomplete", "lacks model.safetensors, README.md (the model card)"),
     ("bad repo id", "is not a hub repo id"),
+    ("repo id with a newline", "is not a hub repo id"),
     ("no export", "holds no config.json and no best/ or final/ export"),
 ])
 def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case, expected):
@@ -163,7 +169,8 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
     env = {"HF_HUB_OFFLINE": "1" if case == "offline" else "0"}
     if case == "offline":
         env["HF_TOKEN"] = "hf_test_token_not_real"
-    result = push_cli(path, "me/--bad" if case == "bad repo id" else "me/kids", home=home, **env)
+    repo_id = {"bad repo id": "me/--bad", "repo id with a newline": "me/kids\nmore"}.get(case, "me/kids")
+    result = push_cli(path, repo_id, home=home, **env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
