@@ -42,6 +42,26 @@ def hub_base_model(base_model: str) -> str | None:
     return base_model
 
 
+def base_model_shown(base_model: str) -> str:
+    """How the card's text names the base model: a local folder by its name only (the card is public)."""
+    if base_model.startswith("scratch") or hub_base_model(base_model) is not None:
+        return base_model
+    return f"{Path(base_model).name} (a local folder)"
+
+
+def for_repo(card: str, repo_id: str) -> str:
+    """The card as pushed to `repo_id`: the model it names (model-index, "Use") is that repo, whatever the
+    export was written for."""
+    from huggingface_hub import ModelCard
+
+    if card.startswith("---\n") and (parsed := ModelCard(card)).data.eval_results:  # model-index: name and results
+        parsed.data.model_name = repo_id
+        card = parsed.content
+    text = re.sub(r'pipeline\("text-generation", model="[^"\n]*", tokenizer="[^"\n]*"\)',
+                  f'pipeline("text-generation", model="{repo_id}", tokenizer="{repo_id}")', card)
+    return re.sub(r"`python generate\.py --model \S+ ", f"`python generate.py --model {repo_id} ", text)
+
+
 def _export_eval_loss(facts: CardFacts) -> float | None:
     if facts.eval_loss is not None:
         return facts.eval_loss
@@ -67,7 +87,8 @@ def card_data(facts: CardFacts) -> ModelCardData:
 
 def _body(facts: CardFacts) -> list[str]:
     origin = (f"A GPT-2 trained from {facts.base_model}" if facts.base_model.startswith("scratch")
-              else f"A GPT-2 fine-tuned from `{facts.base_model}`")
+              else f"A GPT-2 fine-tuned from `{facts.base_model}`" if hub_base_model(facts.base_model)
+              else f"A GPT-2 fine-tuned from a local folder, `{Path(facts.base_model).name}`")
     eval_loss = _export_eval_loss(facts)
     scores = (f" (validation loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f})"
               if eval_loss is not None else "")

@@ -5,15 +5,15 @@ Nothing local is changed; `export_folder` says which folder is sent and checks i
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
+from gpt2kids import model_card
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.errors import UserError
 from gpt2kids.hf import hub_offline
 from gpt2kids.tokenizer import tokenizer_files_in
-
-IGNORED = [".*"]  # hidden files: temporary debris of an interrupted write, editor files
 
 
 def export_folder(path: str | Path) -> Path:
@@ -85,6 +85,23 @@ def check_can_push(repo_id: str) -> str:
     return token
 
 
+def commit_files(folder: Path, repo_id: str) -> list[Any]:
+    """The export's files as one commit's operations, its card naming `repo_id`. Hidden files are left out:
+    debris of an interrupted write, editor files."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = sorted(path for path in folder.rglob("*")
+                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    operations = []
+    for path in files:
+        content: Path | bytes = path
+        if path == folder / "README.md":
+            with contextlib.suppress(UnicodeDecodeError):  # a card that is not UTF-8 text goes as it is
+                content = model_card.for_repo(path.read_text(encoding="utf-8"), repo_id).encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=content))
+    return operations
+
+
 def push_export(folder: Path, repo_id: str, private: bool = False, api: Any = None) -> str:
     """Upload `folder` (an export, or a run folder) to the hub model repo `repo_id`; returns the repo URL.
 
@@ -97,7 +114,7 @@ def push_export(folder: Path, repo_id: str, private: bool = False, api: Any = No
     api = api if api is not None else HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", ignore_patterns=IGNORED,
+        api.create_commit(repo_id=repo_id, operations=commit_files(folder, repo_id), repo_type="model",
                           commit_message=f"Upload {folder.name}/ from gpt2kids")
     except Exception as error:  # huggingface_hub and its HTTP client raise many classes; all mean "not sent"
         raise _hub_error(error, repo_id) from None

@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, config_for
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import filter_repo_objects
 
 from gpt2kids.errors import UserError
 from gpt2kids.push import export_folder, push_export
@@ -38,7 +37,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def hub(monkeypatch):
-    """Record HfApi.create_repo / upload_folder calls, bound to the real signatures so a wrong keyword fails."""
+    """Record HfApi.create_repo / create_commit calls, bound to the real signatures so a wrong keyword fails."""
     calls: list[tuple[str, dict]] = []
 
     def recorder(name: str, result):
@@ -51,11 +50,17 @@ def hub(monkeypatch):
         return method
 
     monkeypatch.setattr(HfApi, "create_repo", recorder("create_repo", "https://huggingface.co/me/kids"))
-    monkeypatch.setattr(HfApi, "upload_folder", recorder("upload_folder", None))
+    monkeypatch.setattr(HfApi, "create_commit", recorder("create_commit", None))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
     return calls
+
+
+def sent_files(commit: dict) -> dict[str, Path | bytes]:
+    """{path in the repo: the local file, or the bytes sent in its place} of a recorded create_commit."""
+    return {operation.path_in_repo: Path(operation.path_or_fileobj) if isinstance(operation.path_or_fileobj, str)
+            else operation.path_or_fileobj for operation in commit["operations"]}
 
 
 def test_a_run_folder_pushes_best_privately_and_sends_the_export_files(tmp_path, hub):
@@ -68,24 +73,23 @@ def test_a_run_folder_pushes_best_privately_and_sends_the_export_files(tmp_path,
     url = push_export(run, "me/kids", private=True)
 
     assert url == "https://huggingface.co/me/kids"
-    assert [name for name, _ in hub] == ["create_repo", "upload_folder"]
-    [(_, create), (_, upload)] = hub
+    assert [name for name, _ in hub] == ["create_repo", "create_commit"]
+    [(_, create), (_, commit)] = hub
     assert create == {"repo_id": "me/kids", "private": True, "exist_ok": True, "repo_type": "model"}
-    assert Path(upload["folder_path"]) == run / "best" and upload["repo_id"] == "me/kids"
-    assert upload["repo_type"] == "model"
-    # The files huggingface_hub would send, filtered as upload_folder filters them.
-    local = [str(path.relative_to(run / "best")) for path in (run / "best").rglob("*") if path.is_file()]
-    sent = set(filter_repo_objects(local, allow_patterns=upload.get("allow_patterns"),
-                                   ignore_patterns=upload.get("ignore_patterns")))
-    assert sent == set(EXPORT_FILES)
+    assert commit["repo_id"] == "me/kids" and commit["repo_type"] == "model"
+    sent = sent_files(commit)
+    assert set(sent) == set(EXPORT_FILES)  # one commit; the hidden debris left out
+    assert all(source == run / "best" / name for name, source in sent.items() if name != "README.md")
+    assert sent["README.md"] == b"best/README.md"  # a card without metadata or a Use section goes as it is
     assert snapshot(run) == before
 
 
 def test_public_by_default_and_final_when_there_is_no_best(tmp_path, hub):
     fake_export(tmp_path / "run" / "final")
     push_export(tmp_path / "run", "me/kids")
-    [(_, create), (_, upload)] = hub
-    assert create["private"] is False and Path(upload["folder_path"]) == tmp_path / "run" / "final"
+    [(_, create), (_, commit)] = hub
+    assert create["private"] is False
+    assert sent_files(commit)["config.json"] == tmp_path / "run" / "final" / "config.json"
 
 
 def test_an_export_folder_is_pushed_as_it_is(tmp_path):
@@ -103,7 +107,7 @@ class FailingApi:
     def create_repo(self, *args, **kwargs):
         raise self.error
 
-    def upload_folder(self, **kwargs):  # pragma: no cover - never reached
+    def create_commit(self, **kwargs):  # pragma: no cover - never reached
         self.uploads += 1
 
 
@@ -204,7 +208,20 @@ def test_a_finished_run_with_push_to_hub_uploads_its_best_export(tmp_path, init_
     out = tmp_path / "run"
     progress = train(config_for(init_folder, corpus, out, epochs=1, push_to_hub="me/kids", private=True))
     assert progress.finished
-    [(_, create), (_, upload)] = hub
+    [(_, create), (_, commit)] = hub
     assert create["repo_id"] == "me/kids" and create["private"] is True
-    assert Path(upload["folder_path"]) == out / "best"  # best/, not final/
+    assert sent_files(commit)["config.json"] == out / "best" / "config.json"  # best/, not final/
     assert f"pushed {out / 'best'} to https://huggingface.co/me/kids" in capsys.readouterr().err
+
+    # Pushed again to another repo: the card sent names that one, the local card stays as it was.
+    local_card = (out / "best" / "README.md").read_text()
+    push_export(out, "me/other")
+    sent_card = sent_files(hub[-1][1])["README.md"].decode()
+    assert ModelCard(sent_card).data.model_name == "me/other"
+    assert 'pipeline("text-generation", model="me/other", tokenizer="me/other")' in sent_card
+    assert "python generate.py --model me/other " in sent_card and "me/kids" not in sent_card
+    assert sent_card.replace("me/other", "me/kids") == local_card == (out / "best" / "README.md").read_text()
+    # The card is public: local paths appear by their names only.
+    assert str(init_folder) not in sent_card and str(corpus) not in sent_card
+    assert f"fine-tuned from a local folder, `{init_folder.name}`" in sent_card and corpus.name in sent_card
+    assert f"| base model | {init_folder.name} (a local folder) |" in sent_card
