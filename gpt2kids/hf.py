@@ -277,8 +277,8 @@ def model_eos_id(folder: Path) -> int | None:
 def load_tokenizer(folder: Path) -> Tokenizer:
     """The folder's tokenizer, its end-of-text token being the model's eos_token_id where it can be."""
     if not tokenizer_files_in(folder):
-        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or vocab.json + merges.txt); "
-                        "pass --tokenizer")
+        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or vocab.json + merges.txt); copy the "
+                        "model's tokenizer files into it (train.py can also take one with --tokenizer)")
     eos_id = model_eos_id(folder)
     tokenizer = Tokenizer.from_path(folder, eos_id=eos_id)
     declared = tokenizer.special_tokens.get("eos_token")

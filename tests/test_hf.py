@@ -341,3 +341,11 @@ def test_a_run_folder_resolves_to_its_best_export_else_final(tmp_path, reference
     (run / "best" / "README.md").write_text("card")  # push wants a complete export: the same one
     (run / "best" / "tokenizer.json").write_text("{}")
     assert export_folder(run) == run / "best"
+
+
+def test_a_model_folder_without_a_tokenizer_says_how_to_add_one(tmp_path, reference):
+    from gpt2kids.hf import load_tokenizer
+
+    reference.save_pretrained(tmp_path / "model")
+    with pytest.raises(UserError, match=r"holds no tokenizer .*; copy the model's tokenizer files into it"):
+        load_tokenizer(tmp_path / "model")
