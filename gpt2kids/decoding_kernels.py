@@ -360,6 +360,8 @@ def ensure_measured(shapes: Mapping[Shape, int], dtypes: list[torch.dtype]) -> t
         start = time.perf_counter()
         fresh, busy = foreign_share(measure)
         note = f"measured in {time.perf_counter() - start:.1f} s"
+        if busy > BUSY_LIMIT:  # kept for this process's kernels, not cached; `decoding_dtype` does not trust it
+            fresh = {key: {**entry, "disturbed": True} for key, entry in fresh.items()}
         known.update(fresh)
         reason = f"other work used {100 * busy:.0f}% of the CPUs meanwhile"
         if busy <= BUSY_LIMIT:
@@ -400,8 +402,13 @@ def decoding_dtype(config: GPT2Config | None = None) -> torch.dtype:
         entries = [(count, known[shape.key(dtype)]) for shape, count in shapes.items()]
         step[dtype] = sum(count * entry["seconds"]["1"][one_row(entry["kernels"])] for count, entry in entries)
     chosen = torch.bfloat16 if step[torch.bfloat16] < step[torch.float32] else torch.float32
-    print(f"decoding dtype for this machine ({note}): {DTYPE_NAMES[chosen]}; a step's products and attention take "
-          f"{1e3 * step[torch.bfloat16]:.1f} ms in bf16, {1e3 * step[torch.float32]:.1f} ms in fp32", file=sys.stderr)
+    why = ""
+    if any(known[shape.key(dtype)].get("disturbed") for dtype in step for shape in shapes):
+        # Timings taken under load can flip from run to run, and the dtype changes the text a --seed gives.
+        chosen, why = torch.float32, " (other work disturbed the measurement: fp32 until a quiet one is cached)"
+    print(f"decoding dtype for this machine ({note}): {DTYPE_NAMES[chosen]}{why}; a step's products and attention "
+          f"take {1e3 * step[torch.bfloat16]:.1f} ms in bf16, {1e3 * step[torch.float32]:.1f} ms in fp32",
+          file=sys.stderr)
     return chosen
 
 

@@ -431,3 +431,23 @@ def test_export_refuses_a_decoding_optimized_model(counted, tmp_path):
     with pytest.raises(UserError, match="optimize_for_decoding"):
         export(optimized, None, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "old export"  # the old folder is untouched
+
+
+def test_precision_auto_keeps_fp32_when_other_work_disturbed_the_measurement(counted, monkeypatch, capfd):
+    def timings_favouring_bf16(shapes, dtype):
+        seconds = 1e-3 if dtype == torch.bfloat16 else 2e-3
+        return {shape: ({"1": {"bf16": seconds, "fp32": seconds}, str(FEW_ROWS): {"bf16": seconds, "fp32": seconds}}
+                        if isinstance(shape, decoding.AttentionShape) else
+                        {"1": {"linear": seconds}, str(FEW_ROWS): {"linear": seconds}}) for shape in shapes}
+
+    monkeypatch.setattr(decoding, "time_candidates", timings_favouring_bf16)
+    config = GPT2Config(**TINY)
+    monkeypatch.setattr(decoding, "foreign_share", lambda run: (run(), 0.6))
+    # Timings under load may flip between runs, and with them the text a --seed gives: fp32, said so.
+    assert decoding_dtype(config) == torch.float32
+    assert "fp32 (other work disturbed the measurement" in capfd.readouterr().err
+    decoding._uncached.clear()
+    monkeypatch.setattr(decoding, "foreign_share", lambda run: (run(), 0.0))
+    assert decoding_dtype(config) == torch.bfloat16  # a quiet measurement decides, and is cached
+    assert decoding_dtype(config) == torch.bfloat16
+    assert "cached in" in capfd.readouterr().err.splitlines()[-1]
