@@ -100,6 +100,8 @@ class TrainConfig:
                             "pass --eval-data")
         if self.private and not self.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
+        if self.resume and not self.out:  # the default --out is a new, empty folder
+            raise UserError("--resume needs --out RUN_FOLDER, the run to continue (e.g. --out runs/NAME --resume)")
 
     def differences(self, other: TrainConfig) -> list[str]:
         """The flags set here (given on the command line, see `parse_args`; else: not at their default) to

@@ -105,6 +105,8 @@ def test_out_already_holding_a_run_is_not_overwritten(capsys, tmp_path, base):
 
 
 def test_resume_with_nothing_to_resume(capsys, tmp_path, base):
+    without_out = base[:base.index("--out")]
+    fails_cleanly(capsys, tmp_path, [*without_out, "--resume"], "--resume needs --out RUN_FOLDER, the run to continue")
     fails_cleanly(capsys, tmp_path, [*base, "--resume"], "nothing to resume")
     (tmp_path / "run").mkdir()
     fails_cleanly(capsys, tmp_path, [*base, "--resume"], "nothing to resume")
