@@ -516,17 +516,20 @@ def push_export(run: Run) -> None:
 
 # --- before the first step -----------------------------------------------------------------------
 
-def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer]:
-    """The model to fine-tune (or train from scratch) and its tokenizer."""
+def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str],
+                              verbose: bool = True) -> tuple[GPT2, Tokenizer]:
+    """The model to fine-tune (or train from scratch) and its tokenizer; `verbose`: say so on stderr."""
     if config.init == "scratch":
         if config.tokenizer:
             tokenizer = Tokenizer.from_path(config.tokenizer)
         else:
-            print(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories",
-                  file=sys.stderr)
-            tokenizer = Tokenizer.train(train_stories, config.vocab_size)
+            if verbose:
+                print(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories",
+                      file=sys.stderr)
+            tokenizer = Tokenizer.train(train_stories, config.vocab_size)  # the same on every process
             note = " (a small corpus runs out of merges sooner)" if tokenizer.vocab_size < config.vocab_size else ""
-            print(f"the BPE has {tokenizer.vocab_size} tokens{note}", file=sys.stderr)
+            if verbose:
+                print(f"the BPE has {tokenizer.vocab_size} tokens{note}", file=sys.stderr)
         model_config = preset(config.model_size, tokenizer.vocab_size, tokenizer.eos_id)
         if config.dropout is not None:
             model_config = model_config.with_dropout(config.dropout)
@@ -567,7 +570,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
                                                saved.state.get("tokenizer_eos_id"))
     else:
-        model, tokenizer = build_model_and_tokenizer(config, train_stories)
+        model, tokenizer = build_model_and_tokenizer(config, train_stories, verbose=dist.is_main)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
                         f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")

@@ -480,3 +480,14 @@ def test_dropout_override_keeps_the_loaded_weights(init_folder):
     assert (dropped.config.resid_pdrop, dropped.config.embd_pdrop, dropped.config.attn_pdrop) == (0.25,) * 3
     for key, value in plain.state_dict().items():
         assert torch.equal(value, dropped.state_dict()[key]), key
+
+
+def test_only_the_main_process_says_it_trains_a_bpe(capsys, corpus):
+    from gpt2kids.train_config import TrainConfig
+
+    config = TrainConfig(init="scratch", model_size="tiny", vocab_size=300)
+    stories = data.read_stories(corpus)[:20]
+    training.build_model_and_tokenizer(config, stories, verbose=False)  # another process under torchrun
+    assert capsys.readouterr().err == ""
+    training.build_model_and_tokenizer(config, stories)
+    assert "training a byte-level BPE of up to 300 tokens" in capsys.readouterr().err
