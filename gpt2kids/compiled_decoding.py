@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 
 import torch
 
@@ -29,6 +30,9 @@ from gpt2kids.model import GPT2, KVCache
 
 # The C++ GEMM template needs the weights as constants (freezing); ATen stays a candidate.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# Autotuning writes its tables of candidates to stderr (dozens of lines on a cold cache), where generate.py
+# keeps its own few lines; options this torch does not have are left out.
+QUIET_AUTOTUNING = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 GPU_OPTIONS = {"freezing": True}
 WARM_UP_PROMPT = 2  # cached tokens when compiling: not 0 or 1, which torch.compile would specialise on
 WARM_UP_ROOM = 8  # the warm-up's cache has room to spare, as a decode step's has
@@ -56,6 +60,8 @@ def compile_decode_step(model: GPT2) -> GPT2:
     model.eval()  # decoding only: no dropout
     device = model.transformer.wte.weight.device
     options = CPU_OPTIONS if device.type == "cpu" else GPU_OPTIONS
+    options = {**options, **{key: value for key, value in QUIET_AUTOTUNING.items()
+                             if hasattr(torch._inductor.config, key)}}
     dtype = model.transformer.wte.weight.dtype
     if device.type == "cpu":  # the KV cache's dtype, by the measurement optimize_for_decoding makes too
         attention = AttentionShape(model.config.n_head, model.config.head_dim)
@@ -88,7 +94,9 @@ def compile_decode_step(model: GPT2) -> GPT2:
         next_token_logits(model, torch.zeros(1, WARM_UP_PROMPT, dtype=torch.long, device=device), cache, None, None)
         token = torch.zeros(1, dtype=torch.long, device=device)
         try:
-            compiled_step(token[:, None], cache, None, None)  # as generate feeds tokens: its strides too
+            with warnings.catch_warnings():  # inductor's own deprecation notices say nothing to a user
+                warnings.simplefilter("ignore", UserWarning)
+                compiled_step(token[:, None], cache, None, None)  # as generate feeds tokens: its strides too
         except Exception as error:  # e.g. no C++ compiler: inductor's own message is pages long
             summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise UserError(f"--compile failed ({summary}); run without --compile (inductor on CPU needs a C++ "
