@@ -102,6 +102,12 @@ def added_tokens_of(folder: Path) -> dict[int, tuple[str, bool]]:
     return added
 
 
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    minimum = 256 + 1  # a byte-level BPE holds every byte, and the end-of-text token
+    if vocab_size < minimum:
+        raise UserError(f"--vocab-size {vocab_size} is too small; a byte-level BPE needs at least {minimum}")
+
+
 def _is_gpt2_model_folder(folder: Path) -> bool:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -236,9 +242,7 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
         """Train a byte-level BPE (all 256 bytes in the alphabet, so nothing is ever unknown)."""
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        if vocab_size < len(alphabet) + 1:
-            raise UserError(f"--vocab-size {vocab_size} is too small; a byte-level BPE needs at least "
-                            f"{len(alphabet) + 1}")
+        check_bpe_vocab_size(vocab_size)
         backend = _byte_level(models.BPE())
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
                                       initial_alphabet=alphabet, show_progress=False)

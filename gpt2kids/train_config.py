@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpt2kids.cli import ArgumentParser
+from gpt2kids.config import PRESETS
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
 from gpt2kids.optimizer import SCHEDULES
+from gpt2kids.tokenizer import check_bpe_vocab_size
 
 DEFAULT_INIT = "flax-community/gpt2-small-indonesian"
 # Settings of one invocation rather than of the run: a resumed run takes these from the command line.
@@ -100,6 +102,13 @@ class TrainConfig:
                             "pass --eval-data")
         if self.private and not self.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
+        if self.init == "scratch" and self.model_size in PRESETS:  # said before a BPE is trained, not after
+            context = PRESETS[self.model_size].n_positions
+            if self.block_size is not None and self.block_size > context:
+                raise UserError(f"--block-size {self.block_size} exceeds the model's context of {context}; "
+                                f"use --block-size {context} or less")
+            if not self.tokenizer:
+                check_bpe_vocab_size(self.vocab_size)
         if self.resume and not self.out:  # the default --out is a new, empty folder
             raise UserError("--resume needs --out RUN_FOLDER, the run to continue (e.g. --out runs/NAME --resume)")
 

@@ -58,6 +58,10 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--schedule", "exponential"], "argument --schedule: invalid choice"),
     (["--precision", "fp8"], "argument --precision: invalid choice"),
     (["--block-size", "1000"], "--block-size 1000 exceeds the model's context of 128"),
+    # From scratch: refused in one line before a BPE is trained (and its lines printed).
+    (["--init", "scratch", "--model-size", "tiny", "--block-size", "512"],
+     "--block-size 512 exceeds the model's context of 256"),
+    (["--init", "scratch", "--model-size", "tiny", "--vocab-size", "10"], "--vocab-size 10 is too small"),
     (["--device", "tpu"], "is not"),
     (["--early-stopping", "2", "--eval-split", "0"], "--early-stopping needs held-out stories"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
