@@ -117,7 +117,8 @@ def resolve(spec: str | Path) -> Path:
                 return path / export
         raise UserError(f"{path} holds no config.json, and no best/ or final/ export; "
                         "pass an HF model folder, a gpt2kids run folder, or a hub id")
-    if HUB_ID.match(str(spec)) and not str(spec).startswith(("./", "../", "~")):
+    # owner/name is a hub id, unless a local folder named `owner` says it is a mistyped path (runs/my-rnu).
+    if HUB_ID.match(str(spec)) and not str(spec).startswith(("./", "../", "~")) and not path.parent.is_dir():
         return _download(str(spec))
     raise UserError(f"{spec} does not exist; pass an existing folder or a hub id like owner/name")
 

@@ -349,3 +349,12 @@ def test_a_model_folder_without_a_tokenizer_says_how_to_add_one(tmp_path, refere
     reference.save_pretrained(tmp_path / "model")
     with pytest.raises(UserError, match=r"holds no tokenizer .*; copy the model's tokenizer files into it"):
         load_tokenizer(tmp_path / "model")
+
+
+def test_a_mistyped_run_folder_is_called_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from gpt2kids.hf import resolve
+
+    (tmp_path / "runs" / "my-run").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^runs/my-rnu does not exist; pass an existing folder"):
+        resolve("runs/my-rnu")
