@@ -479,7 +479,7 @@ def run_epochs(run: Run) -> Progress:
     report_where_things_are(run, time.perf_counter() - started)
     if progress.finished and run.config.push_to_hub and run.dist.is_main:
         push_export(run)
-    elif run.config.push_to_hub:  # --max-steps ended this session before the run's end
+    elif run.config.push_to_hub and not progress.finished:  # --max-steps ended this session before the run's end
         run.reporter.say(f"not pushed to {run.config.push_to_hub}: the run is not finished (step {progress.step} of "
                          f"{run.total_steps}); finish it with python train.py --out {run.folder} --resume, or push "
                          f"what it has with python -m gpt2kids.push {run.folder} {run.config.push_to_hub}")
