@@ -86,6 +86,9 @@ def main(argv: Sequence[str]) -> int:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     check_prompt_text(prompts)  # before anything is loaded or printed
+    parser = build_parser()
+    if not args.serve and (args.host, args.port) != (parser.get_default("host"), parser.get_default("port")):
+        raise UserError("--host and --port only apply with --serve")
     if args.interactive and (prompts or args.serve):
         raise UserError("--interactive reads its prompts from standard input, one per line: drop the PROMPT "
                         "arguments, --prompts-file and --serve")

@@ -73,6 +73,8 @@ def check_can_push(repo_id: str) -> str:
         reason = " ".join(str(error).split())  # one line, whatever the id holds
         raise UserError(f"{repo_id!r} is not a hub repo id ({reason}); use owner/name, e.g. "
                         "yourname/gpt2-indo-kids-stories") from None
+    if "/" not in repo_id:  # the hub would put it under the token's user, and the card would name it wrongly
+        raise UserError(f"{repo_id!r} names no owner; use owner/name, e.g. yourname/{repo_id}")
     offline_switch = hub_offline()
     if offline_switch is not None:
         raise UserError(f"the Hugging Face hub is offline here ({offline_switch} is set); unset it and retry")

@@ -189,6 +189,7 @@ def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, 
     (["\udcff"], "not valid UTF-8"),
     (["--seed", "-1"], "seed must be"),  # torch would wrap it
     (["--seed", str(2**64)], "seed must be"),  # torch would raise
+    (["--port", "8000"], "--host and --port only apply with --serve"),
 ])
 def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words):
     flags = [flag.replace("{missing}", str(tmp_path / "no-such-model")) for flag in flags]

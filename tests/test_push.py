@@ -158,6 +158,7 @@ def push_cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
     ("incomplete", "lacks model.safetensors, README.md (the model card)"),
     ("bad repo id", "is not a hub repo id"),
     ("repo id with a newline", "is not a hub repo id"),
+    ("repo id without an owner", "'kids' names no owner; use owner/name, e.g. yourname/kids"),
     ("no export", "holds no config.json and no best/ or final/ export"),
 ])
 def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case, expected):
@@ -173,7 +174,8 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
     env = {"HF_HUB_OFFLINE": "1" if case == "offline" else "0"}
     if case == "offline":
         env["HF_TOKEN"] = "hf_test_token_not_real"
-    repo_id = {"bad repo id": "me/--bad", "repo id with a newline": "me/kids\nmore"}.get(case, "me/kids")
+    repo_id = {"bad repo id": "me/--bad", "repo id with a newline": "me/kids\nmore",
+               "repo id without an owner": "kids"}.get(case, "me/kids")
     result = push_cli(path, repo_id, home=home, **env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and expected in result.stderr
