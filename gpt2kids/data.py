@@ -70,6 +70,11 @@ def jsonl_field(text: str, field: str, source: str | Path) -> list[str]:
                             "fix or remove that line") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UserError(f"{source} line {number} has no \"{field}\" string field; each line needs one")
+        try:
+            record[field].encode("utf-8")
+        except UnicodeEncodeError:  # JSON lets "\ud800" through; no tokenizer can read it
+            raise UserError(f"{source} line {number}: its \"{field}\" holds a lone surrogate escape (like \\ud800), "
+                            "which is not text; fix that line") from None
         values.append(record[field])
     return values
 
@@ -82,9 +87,9 @@ def read_stories(path: str | Path) -> list[str]:
         # Stories are the .txt files; hidden folders (.git, ...) and other files (a README.md) are not.
         candidates = [p for p in sorted(path.rglob("*"))
                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-        files = [p for p in candidates if p.suffix == ".txt"]
+        files = [p for p in candidates if p.suffix.lower() == ".txt"]
         if len(files) < len(candidates):
-            others = [str(p.relative_to(path)) for p in candidates if p.suffix != ".txt"]
+            others = [str(p.relative_to(path)) for p in candidates if p.suffix.lower() != ".txt"]
             warn(f"read only the .txt files in {path}; skipped {len(others)} other file(s): {', '.join(others[:5])}"
                  + (" ..." if len(others) > 5 else ""))
         stories, skipped = [], []
@@ -102,7 +107,7 @@ def read_stories(path: str | Path) -> list[str]:
             warn(f"skipped {len(skipped)} file(s) in {path} that are not UTF-8 text: {', '.join(skipped[:10])}")
     elif path.is_file():
         text = _read_text_file(path)
-        stories = jsonl_field(text, "text", path) if path.suffix == ".jsonl" else BLANK_LINES.split(text)
+        stories = jsonl_field(text, "text", path) if path.suffix.lower() == ".jsonl" else BLANK_LINES.split(text)
     else:
         raise UserError(f"--data {path} does not exist; pass a folder of .txt stories, a .txt or a .jsonl")
     stories = [story for story in map(str.strip, stories) if story]

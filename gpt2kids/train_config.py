@@ -109,6 +109,9 @@ class TrainConfig:
                                 f"use --block-size {context} or less")
             if not self.tokenizer:
                 check_bpe_vocab_size(self.vocab_size)
+        for name in ("data", "eval_data", "tokenizer", "out"):
+            if getattr(self, name) == "":  # an unset shell variable: not "the default", and not "."
+                raise UserError(f"{flag_name(name)} is empty; name a file or folder, or leave the flag out")
         if self.resume and not self.out:  # the default --out is a new, empty folder
             raise UserError("--resume needs --out RUN_FOLDER, the run to continue (e.g. --out runs/NAME --resume)")
 

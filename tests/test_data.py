@@ -45,12 +45,21 @@ def test_jsonl(tmp_path):
     (['{"text": "ok"}', '{"text": "broken'], "line 2 is not valid JSON"),
     (['{"text": "ok"}', '{"title": "x"}'], 'line 2 has no "text"'),
     (['["text"]'], 'line 1 has no "text"'),
+    (['{"text": "ok"}', '{"text": "Satu \\ud800 cerita."}'], 'line 2: its "text" holds a lone surrogate'),
 ])
 def test_bad_jsonl_names_the_line(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=message):
         data.read_stories(path)
+
+
+def test_upper_case_suffixes_are_read_as_their_kind(tmp_path):
+    (tmp_path / "STORIES.JSONL").write_text(json.dumps({"text": "Satu."}) + "\n" + json.dumps({"text": "Dua."}) + "\n")
+    assert data.read_stories(tmp_path / "STORIES.JSONL") == ["Satu.", "Dua."]  # not one story of raw JSON
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "A.TXT").write_text("Tiga.")
+    assert data.read_stories(tmp_path / "folder") == ["Tiga."]
 
 
 def test_missing_and_empty_corpora(tmp_path):

@@ -66,6 +66,8 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--early-stopping", "2", "--eval-split", "0"], "--early-stopping needs held-out stories"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--seed", str(2**63)], "--seed must be a whole number from 0"),  # torch.manual_seed would overflow
+    (["--data", ""], "--data is empty"),  # an unset shell variable: not the bundled stories
+    (["--eval-data", ""], "--eval-data is empty"),  # not the current folder
 ])
 def test_bad_flags(capsys, tmp_path, base, extra, message):
     fails_cleanly(capsys, tmp_path, [*base, *extra], message)
