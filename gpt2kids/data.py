@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -141,14 +142,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("GPT2KIDS_CACHE", Path.home() / ".cache" / "gpt2kids"))
 
 
+def add_stories(digest: Any, stories: list[str]) -> None:
+    """Feed `stories` to a hash, each one's length first: no two different lists feed the same bytes."""
+    digest.update(f"\x00stories {len(stories)}".encode())
+    for story in stories:
+        raw = story.encode("utf-8")
+        digest.update(f"\x00story {len(raw)}\x00".encode())
+        digest.update(raw)
+
+
 def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256()
     digest.update(tokenizer.backend.to_str().encode("utf-8"))
     digest.update(f"\x00eos\x00{tokenizer.eos_id}".encode())  # the same BPE may end stories with another id
-    for story in stories:
-        digest.update(b"\x00story\x00")
-        digest.update(story.encode("utf-8"))
+    add_stories(digest, stories)
     return digest.hexdigest()[:32]
+
+
+def corpus_digest(train_stories: list[str], eval_stories: list[str]) -> str:
+    """SHA-256 of both story sets: a checkpoint keeps it, so that a resume on changed stories is refused."""
+    digest = hashlib.sha256()
+    add_stories(digest, train_stories)
+    add_stories(digest, eval_stories)
+    return digest.hexdigest()
 
 
 def tokenize_stories(stories: list[str], tokenizer: Tokenizer, use_cache: bool = True) -> torch.Tensor:
@@ -210,6 +226,7 @@ class Dataset:
     eval_stories: int
     train_bytes: int
     train_tokens: int  # the training stories' tokens, end-of-text included (a block's last one has no target)
+    digest: str  # corpus_digest of the two story sets
 
 
 def build_dataset(train_stories: list[str], eval_stories: list[str], tokenizer: Tokenizer,
@@ -223,7 +240,8 @@ def build_dataset(train_stories: list[str], eval_stories: list[str], tokenizer: 
     if eval_stories:
         evaluation = pack_blocks(tokenize_stories(eval_stories, tokenizer), block_size, tokenizer.eos_id)
     return Dataset(train, evaluation, len(train_stories), len(eval_stories),
-                   sum(len(s.encode("utf-8")) for s in train_stories), len(stream))
+                   sum(len(s.encode("utf-8")) for s in train_stories), len(stream),
+                   corpus_digest(train_stories, eval_stories))
 
 
 def load_split(data: str | Path, eval_data: str | Path | None, eval_fraction: float,

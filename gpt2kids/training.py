@@ -240,6 +240,7 @@ def training_state(run: Run, rng_by_rank: list[dict[str, Any]]) -> dict[str, Any
         "scaler": run.scaler.state_dict(),
         "rng_by_rank": rng_by_rank,
         "world_size": run.dist.world_size,  # the block order and the schedule's length depend on it
+        "corpus": run.dataset.digest,  # so are the split, the blocks and their order on the stories
         "progress": dataclasses.asdict(run.progress),
         "model_config": run.model.config.to_hf_dict(),
         "tokenizer": run.tokenizer.backend.to_str(),
@@ -580,6 +581,10 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
                         f"use --block-size {model.config.n_positions} or less")
     config.block_size = block_size
     dataset = data.build_dataset(train_stories, eval_stories, tokenizer, block_size)
+    if saved is not None and saved.state.get("corpus", dataset.digest) != dataset.digest:  # older: not recorded
+        raise UserError(f"the stories of the run in {folder} changed since it started (its training and held-out "
+                        "sets differ now), so its split and blocks would too; put them back as they were to "
+                        "resume, or start a new run with another --out")
     if config.push_to_hub and dist.is_main:
         from gpt2kids.push import check_can_push
 

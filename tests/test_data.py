@@ -126,6 +126,12 @@ def test_step_plan_covers_each_block_once_per_epoch_and_ranks_split_micro_batche
     assert not torch.equal(data.epoch_order(23, 1, 1), order)
 
 
+def test_different_story_lists_never_share_a_cache_key(tokenizer):
+    # A story may hold any character a .jsonl can carry, NUL included: lengths, not separators, keep them apart.
+    assert data.cache_key(["Satu\x00story\x00Dua"], tokenizer) != data.cache_key(["Satu", "Dua"], tokenizer)
+    assert data.corpus_digest(["a", "b"], []) != data.corpus_digest(["a"], ["b"])
+
+
 def test_token_cache_is_keyed_by_the_tokenizer_too(tokenizer, tmp_path, monkeypatch):
     from conftest import SAMPLE_TEXTS
 

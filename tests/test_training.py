@@ -491,3 +491,20 @@ def test_only_the_main_process_says_it_trains_a_bpe(capsys, corpus):
     assert capsys.readouterr().err == ""
     training.build_model_and_tokenizer(config, stories)
     assert "training a byte-level BPE of up to 300 tokens" in capsys.readouterr().err
+
+
+def test_a_resume_on_changed_stories_is_refused(tmp_path, init_folder, corpus):
+    import shutil
+
+    from gpt2kids.errors import UserError
+
+    stories = tmp_path / "stories"
+    shutil.copytree(corpus, stories)
+    out = tmp_path / "run"
+    train(config_for(init_folder, stories, out, max_steps=2))
+    (stories / "zz_new.txt").write_text("Judul baru\n\nSebuah cerita yang ditambahkan kemudian.")
+    # One more story moves the seeded split: a held-out story would be trained on, and the blocks shift.
+    with pytest.raises(UserError, match=r"the stories of the run in .* changed since it started"):
+        train(config_for(init_folder, stories, out, max_steps=4, resume=True))
+    (stories / "zz_new.txt").unlink()
+    assert train(config_for(init_folder, stories, out, max_steps=4, resume=True)).step == 4
