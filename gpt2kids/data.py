@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gpt2kids.atomic_files import atomic_path
 from gpt2kids.errors import UserError, warn
@@ -159,6 +159,13 @@ def cache_key(stories: list[str], tokenizer: Tokenizer) -> str:
     return digest.hexdigest()[:32]
 
 
+def ids_digest(ids: torch.Tensor) -> str:
+    """SHA-256 of a 1-D int32 tensor's bytes (anything else: no digest)."""
+    if ids.dim() != 1 or ids.dtype != torch.int32:
+        return ""
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+
 def corpus_digest(train_stories: list[str], eval_stories: list[str]) -> str:
     """SHA-256 of both story sets: a checkpoint keeps it, so that a resume on changed stories is refused."""
     digest = hashlib.sha256()
@@ -172,8 +179,13 @@ def tokenize_stories(stories: list[str], tokenizer: Tokenizer, use_cache: bool =
     path = cache_root() / "tokens" / f"{cache_key(stories, tokenizer)}.safetensors"
     if use_cache and path.is_file():
         try:
-            return load_file(path)["ids"].long()
+            with safe_open(path, "pt") as cached:
+                ids, recorded = cached.get_tensor("ids"), (cached.metadata() or {}).get("sha256")
         except (SafetensorError, OSError, KeyError):
+            ids, recorded = None, "unreadable"
+        if ids is not None and recorded == ids_digest(ids):  # a file that parses may still hold other bytes
+            return ids.long()
+        if recorded is not None:  # an entry from before the digest (None) is written again without a word
             warn(f"token cache {path} is damaged; tokenizing again")
     ids: list[int] = []
     for encoded in tokenizer.encode_batch(stories):
@@ -183,7 +195,8 @@ def tokenize_stories(stories: list[str], tokenizer: Tokenizer, use_cache: bool =
     if use_cache:
         try:
             with atomic_path(path) as temporary:
-                save_file({"ids": stream.to(torch.int32)}, temporary)
+                ids = stream.to(torch.int32)
+                save_file({"ids": ids}, temporary, metadata={"sha256": ids_digest(ids)})
         except OSError as error:  # a cache we cannot write only costs time
             warn(f"could not write the token cache {path} ({error.strerror})")
     return stream
@@ -249,8 +262,15 @@ def load_split(data: str | Path, eval_data: str | Path | None, eval_fraction: fl
     """(train stories, held-out stories): an explicit --eval-data, else a seeded story-level split."""
     stories = read_stories(data)
     if eval_data is not None:
-        return stories, read_stories(eval_data)
-    return split_stories(stories, eval_fraction, seed)
+        train, held_out = stories, read_stories(eval_data)
+    else:
+        train, held_out = split_stories(stories, eval_fraction, seed)
+    trained_on = set(train)
+    repeated = sum(story in trained_on for story in held_out)
+    if repeated:  # the same text twice in a corpus, or --eval-data overlapping --data: the eval loss flatters
+        warn(f"{repeated} of the {len(held_out)} held-out stories are training stories too (the same text); their "
+             "eval loss is not on unseen text")
+    return train, held_out
 
 
 # --- batches -------------------------------------------------------------------------------------

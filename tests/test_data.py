@@ -113,6 +113,31 @@ def test_stories_end_with_end_of_text_and_tokens_are_cached(tokenizer, tmp_path,
         data.tokenize_stories(["Cerita lain."], tokenizer)
 
 
+def test_a_cache_entry_that_parses_but_holds_other_ids_is_tokenized_again(tokenizer, tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path))
+    stories = ["Satu dua tiga.", "Empat lima."]
+    stream = data.tokenize_stories(stories, tokenizer)
+    [entry] = (tmp_path / "tokens").glob("*.safetensors")
+    with safe_open(entry, "pt") as cached:
+        metadata = cached.metadata()
+    save_file({"ids": torch.zeros(len(stream), dtype=torch.int32)}, entry, metadata=metadata)  # zeroed data
+    assert torch.equal(data.tokenize_stories(stories, tokenizer), stream)
+    assert "is damaged; tokenizing again" in capsys.readouterr().err
+
+
+def test_held_out_stories_that_are_training_stories_too_are_named(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("Satu.")
+    (tmp_path / "b.txt").write_text("Dua.")
+    train, held_out = data.load_split(tmp_path, tmp_path, 0.1, seed=1)  # --eval-data the same as --data
+    assert held_out == train
+    assert "2 of the 2 held-out stories are training stories too" in capsys.readouterr().err
+    data.load_split(tmp_path, None, 0.5, seed=1)
+    assert "training stories too" not in capsys.readouterr().err
+
+
 def test_step_plan_covers_each_block_once_per_epoch_and_ranks_split_micro_batches():
     plan = data.StepPlan(num_blocks=23, batch_size=2, grad_accum=3, world_size=2)
     assert plan.micro_batches_per_epoch == 6 and plan.steps_per_epoch == 2
