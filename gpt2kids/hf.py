@@ -33,6 +33,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 OFFLINE_DEMO = ("with no network, the CPU demo needs no download: python train.py --init scratch --model-size tiny "
                 "--epochs 1 --lr 1e-3 --out runs/demo, then python generate.py --model runs/demo \"Pada suatu hari\"")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+RUN_EXPORTS = ("best", "final")  # the exports in a gpt2kids run folder, in the order `run_export` takes them
 
 
 # --- finding a checkpoint -------------------------------------------------------------------------
@@ -101,6 +102,12 @@ def _download(repo_id: str) -> Path:
     return folder
 
 
+def run_export(folder: Path) -> Path | None:
+    """The export a gpt2kids run folder means, in every command: best/ (the lowest held-out loss), else final/;
+    None when it holds neither."""
+    return next((folder / name for name in RUN_EXPORTS if (folder / name / "config.json").is_file()), None)
+
+
 def resolve(spec: str | Path) -> Path:
     """The local folder holding the model `spec` names (downloading a hub id if needed)."""
     path = Path(spec).expanduser()
@@ -111,10 +118,9 @@ def resolve(spec: str | Path) -> Path:
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
-        # A gpt2kids run folder means its best/ export (the lowest held-out loss), else final/, in every command.
-        for export in ("best", "final"):
-            if (path / export / "config.json").is_file():
-                return path / export
+        export = run_export(path)
+        if export is not None:
+            return export
         raise UserError(f"{path} holds no config.json, and no best/ or final/ export; "
                         "pass an HF model folder, a gpt2kids run folder, or a hub id")
     # owner/name is a hub id, unless a local folder named `owner` says it is a mistyped path (runs/my-rnu).

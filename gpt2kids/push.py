@@ -12,7 +12,7 @@ from typing import Any
 from gpt2kids import model_card
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.errors import UserError
-from gpt2kids.hf import hub_offline
+from gpt2kids.hf import hub_offline, run_export
 from gpt2kids.tokenizer import tokenizer_files_in
 
 
@@ -24,7 +24,7 @@ def export_folder(path: str | Path) -> Path:
     if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
         folder = path  # an export, complete or not
     else:
-        folder = next((path / name for name in ("best", "final") if (path / name / "config.json").is_file()), None)
+        folder = run_export(path)
         if folder is None:
             raise UserError(f"{path} holds no config.json and no best/ or final/ export; pass a gpt2kids run "
                             "folder or an export folder")

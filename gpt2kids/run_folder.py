@@ -16,10 +16,10 @@ from pathlib import Path
 from gpt2kids import atomic_files, checkpoint, data
 from gpt2kids.distributed import Distributed
 from gpt2kids.errors import UserError
+from gpt2kids.hf import RUN_EXPORTS
 from gpt2kids.train_config import SESSION_FIELDS, TrainConfig
 
 TRAIN_CONFIG = "train_config.json"
-EXPORTS = ("best", "final")
 
 
 def make_inputs_absolute(config: TrainConfig) -> None:
@@ -59,7 +59,7 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
         atomic_files.check_writable(out)
         if out.is_dir():  # what a killed run may have left half-done
             atomic_files.remove_debris(out)
-            for export in EXPORTS:
+            for export in RUN_EXPORTS:
                 atomic_files.recover_folder(out / export)
     return config, out
 

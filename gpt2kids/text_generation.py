@@ -17,7 +17,7 @@ from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_i
 from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
 from gpt2kids.errors import warn as warn_on_stderr
-from gpt2kids.hf import load_model, load_tokenizer, resolve
+from gpt2kids.hf import load_model, load_tokenizer, resolve, run_export
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.text_output import TextStream, write_jsonl
@@ -38,10 +38,9 @@ def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]
     if spec is not None:
         return spec, "given by --model"
     configs = [config for pattern in ("*/final/config.json", "*/best/config.json") for config in runs.glob(pattern)]
-    if configs:  # the run whose export is newest, through its best/ else final/, as a run folder means
+    if configs:  # the run whose export is newest, through the export a run folder means
         run = max(configs, key=lambda config: config.stat().st_mtime).parent.parent
-        export = next(run / name for name in ("best", "final") if (run / name / "config.json").is_file())
-        return str(export), f"the newest export under {runs}/"
+        return str(run_export(run)), f"the newest export under {runs}/"
     return HUB_DEFAULT, f"the published model, since {runs}/ holds no export (train one with python train.py)"
 
 

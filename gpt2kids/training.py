@@ -34,7 +34,7 @@ from gpt2kids.decode_loop import generate
 from gpt2kids.device import Precision, choose_precision, resolve_device
 from gpt2kids.distributed import Distributed
 from gpt2kids.errors import Stopped, UserError
-from gpt2kids.hf import export, load_model, load_tokenizer
+from gpt2kids.hf import RUN_EXPORTS, export, load_model, load_tokenizer, run_export
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.loss import perplexity
 from gpt2kids.memory_saving import use_memory_saving_kernels
@@ -491,14 +491,13 @@ def report_where_things_are(run: Run, seconds: float) -> None:
     if not run.dist.is_main:
         return  # only the main process reports (and walks the run folder for its size)
     folder = run.folder
-    exports = [f"{folder / name}/" for name in run_folder.EXPORTS if (folder / name).is_dir()]
+    exports = [f"{folder / name}/" for name in RUN_EXPORTS if (folder / name).is_dir()]
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
     spent = run.seconds
     run.reporter.say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
                      f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
-    # best/ where there is one, as the run folder alone would mean to generate, evaluate and push.
-    export = next((folder / name for name in ("best", "final") if (folder / name).is_dir()), folder)
+    export = run_export(folder) or folder  # named outright: what the run folder alone would mean
     run.reporter.say(f"generate: python generate.py --model {export} \"{SAMPLE_PROMPT}\"")
     run.reporter.say(f"watch:    tensorboard --logdir {folder}")
 
