@@ -103,10 +103,8 @@ class TrainConfig:
         if self.private and not self.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
         if self.init == "scratch" and self.model_size in PRESETS:  # said before a BPE is trained, not after
-            context = PRESETS[self.model_size].n_positions
-            if self.block_size is not None and self.block_size > context:
-                raise UserError(f"--block-size {self.block_size} exceeds the model's context of {context}; "
-                                f"use --block-size {context} or less")
+            if self.block_size is not None:
+                check_block_size(self.block_size, PRESETS[self.model_size].n_positions)
             if not self.tokenizer:
                 check_bpe_vocab_size(self.vocab_size)
         for name in ("data", "eval_data", "tokenizer", "out"):
@@ -123,6 +121,12 @@ class TrainConfig:
         return [flag_name(f.name) for f in dataclasses.fields(self)
                 if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(other, f.name)
                 and (f.name in given if given is not None else getattr(self, f.name) != getattr(defaults, f.name))]
+
+
+def check_block_size(block_size: int, context: int) -> None:
+    if block_size > context:
+        raise UserError(f"--block-size {block_size} exceeds the model's context of {context}; "
+                        f"use --block-size {context} or less")
 
 
 def build_parser(with_defaults: bool = True) -> ArgumentParser:

@@ -42,7 +42,7 @@ from gpt2kids.model import GPT2, IGNORE_INDEX
 from gpt2kids.optimizer import lr_lambda, make_optimizer
 from gpt2kids.reporting import Reporter
 from gpt2kids.tokenizer import Tokenizer
-from gpt2kids.train_config import TrainConfig
+from gpt2kids.train_config import TrainConfig, check_block_size
 
 SAMPLE_PROMPT = model_card.WIDGET_PROMPT  # the story TensorBoard shows after each evaluation starts here
 # fp16 steps skipped in a row (the grad scaler backing off) before the run is declared diverged.
@@ -575,9 +575,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
                         f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")
     block_size = config.block_size or min(1024, model.config.n_positions)
-    if block_size > model.config.n_positions:
-        raise UserError(f"--block-size {block_size} exceeds the model's context of {model.config.n_positions}; "
-                        f"use --block-size {model.config.n_positions} or less")
+    check_block_size(block_size, model.config.n_positions)
     config.block_size = block_size
     dataset = data.build_dataset(train_stories, eval_stories, tokenizer, block_size)
     if saved is not None and saved.state.get("corpus", dataset.digest) != dataset.digest:  # older: not recorded
