@@ -16,6 +16,13 @@ from pathlib import Path
 from gpt2kids.errors import UserError
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files below `folder`, sorted, without hidden ones or those in hidden folders (.git/, and the
+    temporary names atomic writes use)."""
+    return [path for path in sorted(folder.rglob("*"))
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gpt2kids.atomic_files import atomic_path
+from gpt2kids.atomic_files import atomic_path, visible_files
 from gpt2kids.errors import UserError, warn
 from gpt2kids.model import IGNORE_INDEX
 from gpt2kids.tokenizer import Tokenizer
@@ -86,8 +86,7 @@ def read_stories(path: str | Path) -> list[str]:
     path = Path(path)
     if path.is_dir():
         # Stories are the .txt files; hidden folders (.git, ...) and other files (a README.md) are not.
-        candidates = [p for p in sorted(path.rglob("*"))
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        candidates = visible_files(path)
         files = [p for p in candidates if p.suffix.lower() == ".txt"]
         if len(files) < len(candidates):
             others = [str(p.relative_to(path)) for p in candidates if p.suffix.lower() != ".txt"]

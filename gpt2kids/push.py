@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2kids import model_card
+from gpt2kids.atomic_files import visible_files
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.errors import UserError
 from gpt2kids.hf import hub_offline, run_export
@@ -92,10 +93,8 @@ def commit_files(folder: Path, repo_id: str) -> list[Any]:
     debris of an interrupted write, editor files."""
     from huggingface_hub import CommitOperationAdd
 
-    files = sorted(path for path in folder.rglob("*")
-                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     operations = []
-    for path in files:
+    for path in visible_files(folder):
         content: Path | bytes = path
         if path == folder / "README.md":
             with contextlib.suppress(UnicodeDecodeError):  # a card that is not UTF-8 text goes as it is
