@@ -360,11 +360,12 @@ def ensure_measured(shapes: Mapping[Shape, int], dtypes: list[torch.dtype]) -> t
         start = time.perf_counter()
         fresh, busy = foreign_share(measure)
         note = f"measured in {time.perf_counter() - start:.1f} s"
-        if busy > BUSY_LIMIT:  # kept for this process's kernels, not cached; `decoding_dtype` does not trust it
+        disturbed = busy > BUSY_LIMIT
+        if disturbed:  # kept for this process's kernels, not cached; `decoding_dtype` does not trust it
             fresh = {key: {**entry, "disturbed": True} for key, entry in fresh.items()}
         known.update(fresh)
         reason = f"other work used {100 * busy:.0f}% of the CPUs meanwhile"
-        if busy <= BUSY_LIMIT:
+        if not disturbed:
             data = {"version": CACHE_VERSION, "machine": machine(), "shapes": {**cached, **fresh}}
             reason = f"{path} could not be written"
             with contextlib.suppress(OSError):
