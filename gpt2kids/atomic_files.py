@@ -18,9 +18,18 @@ from gpt2kids.errors import UserError
 
 def visible_files(folder: Path) -> list[Path]:
     """The files below `folder`, sorted, without hidden ones or those in hidden folders (.git/, and the
-    temporary names atomic writes use)."""
-    return [path for path in sorted(folder.rglob("*"))
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    temporary names atomic writes use). Links to folders are followed (a story folder linked in is read),
+    each real folder once, so a link back up the tree ends there."""
+    files, walked = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            folders.clear()
+            continue
+        walked.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        files += [Path(root, name) for name in names if not name.startswith(".") and Path(root, name).is_file()]
+    return sorted(files)
 
 
 def _umask() -> int:

@@ -222,3 +222,15 @@ def test_an_unreadable_story_in_a_folder_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     with pytest.raises(UserError, match=r"cannot read .*b\.txt: Permission denied"):
         data.read_stories(tmp_path)
+
+
+def test_a_folder_linked_into_the_data_folder_is_read_once_even_in_a_loop(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.txt").write_text("Isi B.", encoding="utf-8")
+    stories = tmp_path / "stories"
+    stories.mkdir()
+    (stories / "a.txt").write_text("Isi A.", encoding="utf-8")
+    (stories / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(stories, target_is_directory=True)  # a loop: stories/linked/back/linked/...
+    assert data.read_stories(stories) == ["Isi A.", "Isi B."]
