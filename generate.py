@@ -89,6 +89,11 @@ def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     if not args.serve and (args.host, args.port) != (parser.get_default("host"), parser.get_default("port")):
         raise UserError("--host and --port only apply with --serve")
+    ignored = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p")
+               if getattr(args, name) != parser.get_default(name)]
+    if args.greedy and ignored:  # argmax would drop them silently
+        raise UserError(f"--greedy takes the most likely token, so {', '.join(ignored)} would do nothing: drop "
+                        f"{'it' if len(ignored) == 1 else 'them'}, or drop --greedy to sample")
     if args.interactive and (prompts or args.serve):
         raise UserError("--interactive reads its prompts from standard input, one per line: drop the PROMPT "
                         "arguments, --prompts-file and --serve")
