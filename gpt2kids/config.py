@@ -39,6 +39,9 @@ FIXED_OPTIONS = {
     "add_cross_attention": False,
     "tie_word_embeddings": True,
 }
+# HF's GPT2Config.attribute_map: other names config.json may use; as in transformers, the other name wins.
+HF_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+              "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class GPT2Config:
         values = {key: hf[key] for key in known if key in hf}
         if "n_positions" not in values and "n_ctx" in hf:  # very old configs name the context n_ctx
             values["n_positions"] = hf["n_ctx"]
+        values.update({name: hf[alias] for alias, name in HF_ALIASES.items() if alias in hf})
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(values.get(key), list):
                 values[key] = values[key][0] if values[key] else None

@@ -38,8 +38,13 @@ RUN_EXPORTS = ("best", "final")  # the exports in a gpt2kids run folder, in the 
 
 # --- finding a checkpoint -------------------------------------------------------------------------
 
+def weights_file(folder: Path) -> Path | None:
+    """The file `read_weights` reads in `folder` (the first of WEIGHT_FILES there), or None."""
+    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+
+
 def has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in WEIGHT_FILES)
+    return weights_file(folder) is not None
 
 
 def hub_offline() -> str | None:
@@ -113,7 +118,14 @@ def resolve(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.name in WEIGHT_FILES or path.suffix in (".safetensors", ".bin"):
-            return path.parent
+            chosen = weights_file(path.parent)
+            if chosen is not None and chosen.name == path.name:
+                return path.parent
+            # Loading goes by folder: the folder's own weights file would load in place of the one named.
+            loads = f"its folder's model is {chosen.name}" if chosen else "its folder holds no model.safetensors"
+            raise UserError(f"{path} is not the weights file gpt2kids loads ({loads}); to load it, put it in a "
+                            "folder of its own as model.safetensors (pytorch_model.bin for a .bin) beside its "
+                            "config.json")
         raise UserError(f"{path} is a file but not a model; pass a model folder or a hub id")
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -179,11 +191,10 @@ def _load_sharded(index: Path, load_shard: Callable[[Path], dict[str, torch.Tens
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The raw state dict stored in an HF folder, safetensors preferred."""
-    for name, load in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
-        if (folder / name).is_file():
-            return load(folder / name)
-        if (folder / f"{name}.index.json").is_file():  # sharded
-            return _load_sharded(folder / f"{name}.index.json", load)
+    path = weights_file(folder)
+    if path is not None:
+        load = _load_safetensors if path.name.startswith("model.safetensors") else _load_bin
+        return _load_sharded(path, load) if path.name.endswith(".index.json") else load(path)
     raise UserError(f"{folder} holds no weights (model.safetensors, a sharded index or pytorch_model.bin); "
                     "pass a folder with a complete checkpoint")
 

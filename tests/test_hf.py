@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, hf_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model, to_hf_state_dict
@@ -65,6 +65,21 @@ def test_keys_without_transformer_prefix_and_with_stale_attention_buffers(tmp_pa
         state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
         state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
+    assert_loads_like(tmp_path, reference, input_ids)
+
+
+def test_a_config_using_hfs_other_names_for_the_sizes(tmp_path, reference, input_ids):
+    """GPT2Config's attribute_map: num_attention_heads for n_head, and so on. The head count shows in no
+    weight's shape, so a loader that ignored it would load the weights and compute other logits."""
+    from transformers import GPT2LMHeadModel
+
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for alias, name in (("hidden_size", "n_embd"), ("max_position_embeddings", "n_positions"),
+                        ("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer")):
+        config[alias] = config.pop(name)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert GPT2LMHeadModel.from_pretrained(tmp_path).config.n_head == CONFIG["n_head"]  # 4, where ours defaults to 12
     assert_loads_like(tmp_path, reference, input_ids)
 
 
@@ -179,6 +194,23 @@ def test_folder_without_weights(tmp_path, reference):
     write_config(tmp_path, reference)
     with pytest.raises(UserError, match="holds no weights"):
         load_model(tmp_path)
+
+
+def test_a_named_weights_file_loads_only_if_it_is_the_one_its_folder_loads(tmp_path, reference, input_ids):
+    """Loading goes by folder: naming step-500.safetensors beside a model.safetensors loaded the latter."""
+    folder = _saved(reference, tmp_path / "model")
+    other = {name: tensor + 1 for name, tensor in load_file(folder / "model.safetensors").items()}
+    save_file(other, folder / "step-500.safetensors")
+    torch.save(other, folder / "pytorch_model.bin")
+    assert_loads_like(folder / "model.safetensors", reference, input_ids)
+    for named in ("step-500.safetensors", "pytorch_model.bin"):
+        with pytest.raises(UserError, match=f"{named} is not the weights file gpt2kids loads .its folder's model "
+                                            "is model.safetensors"):
+            load_model(folder / named)
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "model.safetensors").rename(folder / "renamed.safetensors")
+    with pytest.raises(UserError, match="its folder holds no model.safetensors.*put it in a folder of its own"):
+        load_model(folder / "renamed.safetensors")
 
 
 def test_folder_without_config(tmp_path):
