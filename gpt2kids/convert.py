@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,19 +12,33 @@ from gpt2kids.hf import export, load_model, load_tokenizer
 from gpt2kids.tokenizer import tokenizer_files_in
 
 
+def source_generation_settings(folder: Path) -> dict[str, object] | None:
+    """The source's generation_config.json, kept as it is (None: there is none, and export writes its own)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix or delete it, then convert again") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} does not hold a JSON object; fix or delete it, then convert again")
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m gpt2kids.convert", description=__doc__)
     parser.add_argument("spec", help="hub id, HF folder, pytorch_model.bin, sharded or prefix-less save")
     parser.add_argument("out_dir", type=Path, help="folder to write (config.json, model.safetensors, tokenizer)")
     args = parser.parse_args(argv)
-    model, folder = load_model(args.spec)
+    model, folder = load_model(args.spec, dtype=None)  # a clean copy: the weights keep their dtype
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         raise UserError(f"{args.out_dir} already exists and is not an empty folder; choose a new output folder")
     tokenizer = load_tokenizer(folder) if tokenizer_files_in(folder) else None
     if tokenizer is None:
         print(f"warning: {folder} has no tokenizer files; the export holds weights and config only",
               file=sys.stderr)
-    export(model, tokenizer, args.out_dir)
+    export(model, tokenizer, args.out_dir, generation=source_generation_settings(folder))
     print(f"wrote {args.out_dir}", file=sys.stderr)
     return 0
 

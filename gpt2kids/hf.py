@@ -257,11 +257,12 @@ def empty_model(config: GPT2Config) -> GPT2:
         return GPT2(config)
 
 
-def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
                dropout: float | None = None) -> tuple[GPT2, Path]:
     """Build a GPT2 from any checkpoint `resolve` understands; returns the model and its folder.
 
-    `dropout`, when given, replaces the checkpoint's dropout rates.
+    `dtype` None keeps the dtype the weights are stored in. `dropout`, when given, replaces the checkpoint's
+    dropout rates.
     """
     folder = resolve(spec)
     config = GPT2Config.from_json_file(folder / "config.json")
@@ -270,7 +271,7 @@ def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torc
     state = from_hf_state_dict(read_weights(folder), config)
     model = empty_model(config)
     # assign=True adopts the loaded tensors instead of copying into empty ones.
-    model.load_untied_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.load_untied_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
     return model.to(device), folder
 
 
@@ -314,10 +315,11 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 # --- writing an HF folder -------------------------------------------------------------------------
 
 def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
-           card_files: dict[str, str] | None = None) -> None:
+           card_files: dict[str, str] | None = None, generation: dict[str, object] | None = None) -> None:
     """Write an HF-format folder atomically: the old folder stays whole until the new one is done.
 
     `card_files` maps names to texts written beside the weights: the model card's README.md and loss.svg.
+    `generation` is generation_config.json's content (default: sampling, 100 new tokens, the model's ids).
     """
     config = model.config
     pad_id = None
@@ -326,9 +328,9 @@ def export(model: GPT2, tokenizer: Tokenizer | None, out_dir: str | Path, *,
         # stops where gpt2kids does.
         config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
         pad_id = tokenizer.token_id("pad_token")
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                  "pad_token_id": config.eos_token_id if pad_id is None else pad_id,
-                  "do_sample": True, "max_new_tokens": 100}
+    generation = generation or {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                                "pad_token_id": config.eos_token_id if pad_id is None else pad_id,
+                                "do_sample": True, "max_new_tokens": 100}
 
     def fill(folder: Path) -> None:  # a fresh folder, synced and swapped in whole by replace_folder
         save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})

@@ -324,6 +324,25 @@ def test_convert_a_legacy_bin_to_a_clean_folder(tmp_path, reference, input_ids, 
     assert_loads_like(tmp_path / "clean", reference, input_ids)
 
 
+def test_convert_keeps_the_weights_dtype_and_the_generation_settings(tmp_path, reference, tokenizer):
+    """As transformers' from_pretrained + save_pretrained would: an fp16 checkpoint stays fp16 (not doubled in
+    size), and the source's generation settings are not replaced by gpt2kids' defaults."""
+    from gpt2kids import convert
+
+    source = tmp_path / "fp16"
+    reference.half().save_pretrained(source)
+    reference.generation_config.update(do_sample=False, max_new_tokens=12, repetition_penalty=1.3)
+    reference.generation_config.save_pretrained(source)
+    tokenizer.save(source)
+    assert convert.main([str(source), str(tmp_path / "clean")]) == 0
+    clean = load_file(tmp_path / "clean" / "model.safetensors")
+    assert {tensor.dtype for tensor in clean.values()} == {torch.float16}
+    stored = load_file(source / "model.safetensors")
+    assert all(torch.equal(clean[name], stored[name]) for name in clean)
+    generation = json.loads((tmp_path / "clean" / "generation_config.json").read_text())
+    assert (generation["do_sample"], generation["max_new_tokens"], generation["repetition_penalty"]) == (False, 12, 1.3)
+
+
 def test_convert_bad_input_is_one_line_and_exit_2(tmp_path):
     result = run_convert(str(tmp_path / "missing"), str(tmp_path / "out"))
     assert result.returncode == 2
