@@ -104,6 +104,9 @@ def main(argv: Sequence[str]) -> int:
         from gpt2kids.serve import require_gradio
 
         require_gradio()  # before the model loads, so that a missing extra is the only line
+    elif not prompts and args.prompts_file:
+        raise UserError(f"--prompts-file {args.prompts_file} holds no prompts (blank lines are skipped); write one "
+                        "prompt per line, or a .jsonl with a \"prompt\" field")
     elif not prompts and not args.interactive:
         raise UserError('give a PROMPT to continue ("" starts a new story), --prompts-file, --interactive, or '
                         "--serve for a web page (see python generate.py --help)")

@@ -50,13 +50,13 @@ def read_prompts_file(path: str) -> list[str]:
         text, name = read_standard_input(), "standard input"
     else:
         try:
-            text, name = Path(path).read_text(encoding="utf-8"), path
+            text, name = Path(path).read_text(encoding="utf-8-sig"), path  # a BOM is no prompt
         except FileNotFoundError:
             raise UserError(f"--prompts-file {path} does not exist; pass a file of prompts, one per line") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"--prompts-file {path} cannot be read as UTF-8 text ({error})") from None
     text = text.replace("\r\n", "\n")
-    if path.endswith(".jsonl"):
+    if path.lower().endswith(".jsonl"):
         return jsonl_field(text, "prompt", name)
     # Lines end at "\n" only: str.splitlines would also cut a prompt at form feeds and Unicode separators.
     return [line for line in text.split("\n") if line.strip()]
@@ -68,7 +68,7 @@ def read_standard_input() -> str:
     if stream is None:  # a text stream put in its place
         return sys.stdin.read()
     try:
-        return stream.read().decode("utf-8")
+        return stream.read().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"standard input is not UTF-8 text (byte {error.start} is not); save the prompts as "
                         "UTF-8") from None

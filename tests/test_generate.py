@@ -314,6 +314,25 @@ def test_prompts_from_a_text_file_and_standard_input_add_to_the_arguments(model_
     assert [record["prompt"] for record in jsonl(piped)] == ["Tiga", "Empat"]
 
 
+def test_a_prompts_file_is_read_as_the_data_reader_reads_files(tmp_path, monkeypatch):
+    """A BOM (Notepad writes one) is no part of the first prompt, and .JSONL is .jsonl, in files and piped."""
+    from gpt2kids.text_generation import read_prompts_file
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffSatu\nDua\n".encode())
+    (tmp_path / "UPPER.JSONL").write_bytes('\ufeff{"prompt": "Tiga"}\n'.encode())
+    assert read_prompts_file(str(tmp_path / "bom.txt")) == ["Satu", "Dua"]
+    assert read_prompts_file(str(tmp_path / "UPPER.JSONL")) == ["Tiga"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffEmpat\n".encode())))
+    assert read_prompts_file("-") == ["Empat"]
+
+
+def test_a_prompts_file_without_prompts_says_so(model_folder, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    result = run("--model", str(model_folder), "--prompts-file", str(tmp_path / "blank.txt"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"--prompts-file {tmp_path / 'blank.txt'} holds no prompts" in result.stderr
+
+
 def test_interactive_continues_each_line_with_the_model_loaded_once(model_folder):
     result = run("--interactive", "--model", str(model_folder), "--format", "jsonl", "--max-new-tokens", "3",
                  "--greedy", stdin="Satu\nDua\n\nTiga\n")
