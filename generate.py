@@ -91,6 +91,8 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--host and --port only apply with --serve")
     ignored = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p")
                if getattr(args, name) != parser.get_default(name)]
+    if args.greedy and args.num_return_sequences > 1:  # as transformers refuses it
+        raise UserError("--greedy gives one story per prompt, the same every time: drop --num-return-sequences")
     if args.greedy and ignored:  # argmax would drop them silently
         raise UserError(f"--greedy takes the most likely token, so {', '.join(ignored)} would do nothing: drop "
                         f"{'it' if len(ignored) == 1 else 'them'}, or drop --greedy to sample")
@@ -98,9 +100,9 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--interactive reads its prompts from standard input, one per line: drop the PROMPT "
                         "arguments, --prompts-file and --serve")
     if args.serve:
-        if len(prompts) > 1 or args.num_return_sequences != 1:
-            raise UserError("--serve shows one story at a time: give at most one PROMPT (the page's first prompt) "
-                            "and no --num-return-sequences")
+        if len(prompts) > 1 or args.num_return_sequences != 1 or args.format != "text":
+            raise UserError("--serve shows one story at a time on its page: give at most one PROMPT (the page's "
+                            "first prompt), and no --num-return-sequences or --format")
         from gpt2kids.serve import require_gradio
 
         require_gradio()  # before the model loads, so that a missing extra is the only line
