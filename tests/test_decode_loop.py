@@ -70,6 +70,25 @@ def test_greedy_matches_transformers(pair, options):
     assert len(expected_new) >= 5  # the comparison covers real decoding, not an early stop
 
 
+def test_a_padded_batch_with_repetition_penalty_matches_transformers(pair):
+    """transformers' repetition penalty skips each row's left padding (prompt_ignore_length), as gpt2kids' does.
+    The padding token is the short row's first choice, so a penalty that counted it would change that row."""
+    reference, ours = pair
+    torch.manual_seed(3)
+    short, long = torch.randint(0, EOS, (4,)).tolist(), torch.randint(0, EOS, (9,)).tolist()
+    settings = SamplingSettings(max_new_tokens=8, greedy=True, repetition_penalty=3.0)
+    [alone] = generate(ours, [short], settings, EOS)
+    pad = alone[0]
+    input_ids = torch.tensor([[pad] * 5 + short, long])
+    attention_mask = torch.tensor([[0] * 5 + [1] * 4, [1] * 9])
+    with torch.no_grad():
+        expected = reference.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=8,
+                                      pad_token_id=pad, eos_token_id=EOS, repetition_penalty=3.0)
+    got = generate(ours, [short, long], settings, EOS)
+    assert got == [up_to_eos(row) for row in expected[:, 9:].tolist()]
+    assert got[0] == alone
+
+
 def test_seeded_sampling_matches_transformers(pair, monkeypatch):
     """With the same RNG stream and the same draw, the processors are those of transformers.
 
