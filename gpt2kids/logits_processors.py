@@ -8,6 +8,7 @@ no-repeat n-gram, then when sampling temperature, top-k, top-p), skipping those 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,13 +34,14 @@ class SamplingSettings:
             raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 < self.top_p <= 1:  # also refuses NaN
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}; 1 turns it off")
-        if not self.greedy and not self.temperature > 0:
-            raise UserError(f"--temperature must be above 0, got {self.temperature}; "
+        if not self.greedy and not 0 < self.temperature < math.inf:
+            raise UserError(f"--temperature must be a finite number above 0, got {self.temperature}; "
                             "for deterministic argmax decoding pass --greedy")
         if self.top_k < 0:
             raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"--repetition-penalty must be above 0 (1 turns it off), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise UserError(f"--repetition-penalty must be a finite number above 0 (1 turns it off), got "
+                            f"{self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
             raise UserError(f"--no-repeat-ngram-size must be 0 (off) or more, got {self.no_repeat_ngram_size}")
         if self.num_return_sequences < 1:
@@ -176,7 +178,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     of it, which leaves the distribution as it is: a token of probability 0 never wins.
     """
     indices = None
-    kept = int((probs > 0).sum(dim=-1).max())
+    kept_per_row = (probs > 0).sum(dim=-1)  # NaN counts as nothing: scores that overflowed to inf leave NaN
+    if int(kept_per_row.min()) == 0:
+        raise UserError("the sampling settings leave no token to draw: the scores overflowed (an extreme "
+                        "--temperature or --repetition-penalty); use values nearer 1")
+    kept = int(kept_per_row.max())
     if kept * 5 <= probs.shape[-1]:  # keeping more, topk would cost more than the race over every token
         probs, indices = probs.topk(kept, dim=-1)
     race = probs / torch.empty_like(probs).exponential_(generator=generator)

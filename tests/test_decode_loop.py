@@ -129,6 +129,13 @@ def test_a_model_with_non_finite_scores_stops_with_a_clear_error(greedy):
         generate(model, [[5, 6, 7]], SamplingSettings(max_new_tokens=5, greedy=greedy), EOS)
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=1e-40), dict(repetition_penalty=1e-40, top_k=0)])
+def test_settings_so_extreme_that_the_scores_overflow_stop_with_a_clear_error(settings):
+    # Scores divided by 1e-40 overflow to infinity, and softmax over infinities is NaN: nothing to draw.
+    with pytest.raises(UserError, match="leave no token to draw"):
+        generate(tiny_model(), [[5, 6, 7]], SamplingSettings(max_new_tokens=3, **settings), EOS)
+
+
 def test_batched_prompts_of_different_lengths_equal_each_alone():
     model = tiny_model()
     prompts = [[5, 6, 7], list(range(20, 37)), [9], list(range(40, 48))]

@@ -144,6 +144,8 @@ def test_draw_picks_per_row_among_rows_that_keep_different_counts():
     (dict(temperature=0.0), "--greedy"),
     (dict(top_k=-1), "--top-k"),
     (dict(repetition_penalty=0.0), "--repetition-penalty"),
+    (dict(repetition_penalty=float("inf")), "--repetition-penalty must be a finite number"),
+    (dict(temperature=float("inf")), "--temperature must be a finite number"),
     (dict(no_repeat_ngram_size=-1), "--no-repeat-ngram-size"),
     (dict(num_return_sequences=0), "--num-return-sequences"),
 ])
