@@ -120,7 +120,8 @@ def main(argv: Sequence[str]) -> int:
     print(f"loaded on {generator.description}", file=sys.stderr)
     if settings.max_new_tokens > generator.model.config.n_positions:  # a one-token prompt and N new take N positions
         print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
-              f"{generator.model.config.n_positions}; generation stops when the context is full", file=sys.stderr)
+              f"{generator.model.config.n_positions}; prompts are kept and generation stops when the context is full",
+              file=sys.stderr)
     if args.serve:
         from gpt2kids.serve import WIDGET_PROMPT, serve
 

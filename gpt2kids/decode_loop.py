@@ -25,13 +25,15 @@ DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor | None, torch.Tensor 
 def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, eos_id: int) -> tuple[list[int], bool]:
     """The prompt the model will see, and whether it was cut.
 
-    An empty prompt starts from end-of-text (what GPT-2 saw before every document). A prompt that
-    leaves no room for `max_new_tokens` keeps its last tokens, but at least one. The last new token is
-    never fed back, so P prompt tokens and N new ones take P + N - 1 positions.
+    An empty prompt starts from end-of-text (what GPT-2 saw before every document). The last new token
+    is never fed back, so P prompt tokens and N new ones take P + N - 1 positions. While N fits the
+    context, a prompt that leaves no room for it keeps its last tokens (transformers' pipeline calls this
+    "hole"), at least one. N beyond the context fits no prompt: the prompt keeps what fits of it, and
+    generation stops when the context is full (cutting it to one token would continue something else).
     """
     if not ids:
         return [eos_id], False
-    keep = max(1, context - max_new_tokens + 1)
+    keep = context - max_new_tokens + 1 if max_new_tokens <= context else context
     return list(ids[-keep:]), len(ids) > keep
 
 

@@ -191,11 +191,12 @@ def test_stops_when_the_context_is_full():
     out = generate(model, [list(range(10))], SamplingSettings(max_new_tokens=6, greedy=True), EOS,
                    stop_at_eos=False)
     assert len(out[0]) == 6
-    # More new tokens than the context holds: the prompt keeps its last token, and decoding stops
-    # when the context is full (the last token sampled is never fed back, hence one more).
+    # More new tokens than the context holds: the whole prompt stays (it was cut to one token), and
+    # decoding stops when the context is full (the last token sampled is never fed back, hence one more).
     out = generate(model, [list(range(10))], SamplingSettings(max_new_tokens=50, greedy=True), EOS,
                    stop_at_eos=False)
-    assert len(out[0]) == 16
+    assert out == generate(model, [list(range(10))], SamplingSettings(max_new_tokens=7, greedy=True), EOS,
+                           stop_at_eos=False)
 
 
 def test_empty_prompt_starts_from_eos():
@@ -210,7 +211,11 @@ def test_fit_prompt():
     # The last new token is never fed back: 55 prompt tokens and 10 new ones take 64 positions.
     assert fit_prompt(list(range(55)), 64, 10, EOS) == (list(range(55)), False)
     assert fit_prompt(list(range(60)), 64, 10, EOS) == (list(range(5, 60)), True)
-    assert fit_prompt(list(range(60)), 64, 100, EOS) == ([59], True)  # always keeps one token
+    assert fit_prompt(list(range(60)), 64, 64, EOS) == ([59], True)  # 64 new tokens fit after one
+    # 100 new tokens fit after no prompt: the prompt stays (what fits of it) and the context fills up.
+    assert fit_prompt(list(range(60)), 64, 100, EOS) == (list(range(60)), False)
+    assert fit_prompt(list(range(70)), 64, 100, EOS) == (list(range(6, 70)), True)
+
 
 
 def test_a_prompt_that_just_fits_the_context_decodes_as_in_transformers(pair):
