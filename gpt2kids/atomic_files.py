@@ -1,17 +1,21 @@
 """Atomic file and folder writes: a reader sees the old version or the new one, never half of one.
 
-Each write goes to a temporary name beside the target, is flushed to disk, then renamed over it.
+Each write goes to a temporary name beside the target, is flushed to disk, then renamed over it. The
+reading side's two helpers live here too: a folder's visible files (without the temporary names) and a
+small JSON file read with a one-line error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from gpt2kids.errors import UserError
 
@@ -30,6 +34,20 @@ def visible_files(folder: Path) -> list[Path]:
         folders[:] = [name for name in folders if not name.startswith(".")]
         files += [Path(root, name) for name in names if not name.startswith(".") and Path(root, name).is_file()]
     return sorted(files)
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any] | None:
+    """The JSON object in `path`, None when there is no such file; one `UserError` line ending in `fix` when
+    the file is not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} cannot be read as JSON ({error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a JSON object; {fix}")
+    return value
 
 
 def _umask() -> int:

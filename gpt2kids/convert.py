@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from gpt2kids.atomic_files import read_json_object
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model, load_tokenizer
@@ -14,16 +14,7 @@ from gpt2kids.tokenizer import tokenizer_files_in
 
 def source_generation_settings(folder: Path) -> dict[str, object] | None:
     """The source's generation_config.json, kept as it is (None: there is none, and export writes its own)."""
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return None
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); fix or delete it, then convert again") from None
-    if not isinstance(settings, dict):
-        raise UserError(f"{path} does not hold a JSON object; fix or delete it, then convert again")
-    return settings
+    return read_json_object(folder / "generation_config.json", "fix or delete it, then convert again")
 
 
 def main(argv: list[str] | None = None) -> int:

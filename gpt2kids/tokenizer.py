@@ -20,7 +20,7 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gpt2kids.atomic_files import atomic_write_text
+from gpt2kids.atomic_files import atomic_write_text, read_json_object
 from gpt2kids.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -52,15 +52,7 @@ def _token_text(value: object) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} cannot be read as JSON ({error}); re-export or re-download the tokenizer") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-export or re-download the tokenizer")
-    return value
+    return read_json_object(path, "re-export or re-download the tokenizer") or {}
 
 
 def read_side_files(folder: Path) -> tuple[dict[str, str], bool | None]:
