@@ -219,11 +219,14 @@ class Blocks:
 
 
 def pack_blocks(stream: torch.Tensor, block_size: int, pad_id: int) -> Blocks:
-    blocks = ceil_div(len(stream), block_size)
+    # A last token alone in its block has nothing to predict: that block, all targets and no loss, would be
+    # a step of no data (with --batch-size 1) that still moved the weights. So it is left out.
+    blocks = ceil_div(max(len(stream) - 1, 0), block_size)
+    kept = min(len(stream), blocks * block_size)
     padded = torch.full((blocks * block_size,), pad_id, dtype=torch.long)
-    padded[: len(stream)] = stream
+    padded[:kept] = stream[:kept]
     inputs = padded.view(blocks, block_size)
-    valid = (torch.arange(blocks * block_size) < len(stream)).view(blocks, block_size)
+    valid = (torch.arange(blocks * block_size) < kept).view(blocks, block_size)
     targets = torch.full_like(inputs, IGNORE_INDEX)
     # Position t predicts token t + 1 of the same block, where that token is real.
     targets[:, :-1] = torch.where(valid[:, 1:], inputs[:, 1:], IGNORE_INDEX)

@@ -96,6 +96,15 @@ def test_blocks_predict_the_next_token_and_padding_has_no_target():
     assert blocks.token_count == 7
 
 
+def test_a_last_token_alone_in_its_block_gives_no_block():
+    # Nine tokens in blocks of 4: the ninth would start a block with no target, a training step of no data.
+    blocks = data.pack_blocks(torch.arange(9), block_size=4, pad_id=99)
+    assert blocks.inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert blocks.token_count == 6
+    assert len(data.pack_blocks(torch.arange(1), block_size=4, pad_id=99)) == 0
+    assert len(data.pack_blocks(torch.arange(8), block_size=4, pad_id=99)) == 2
+
+
 def test_stories_end_with_end_of_text_and_tokens_are_cached(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path))
     stories = ["Satu dua tiga.", "Empat lima."]
