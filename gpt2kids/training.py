@@ -406,8 +406,10 @@ def check_early_stopping(run: Run) -> None:
     """--early-stopping N: after N evaluations in a row with no new lowest eval loss, the run is over."""
     progress, patience = run.progress, run.config.early_stopping
     if patience and progress.evaluations_without_improvement >= patience:
-        progress.stopped_early = (f"{progress.evaluations_without_improvement} evaluations in a row brought no eval "
-                                  f"loss below {progress.best_eval_loss:.4f} (--early-stopping {patience})")
+        count, best = progress.evaluations_without_improvement, progress.best_eval_loss
+        brought = f"no eval loss below {best:.4f}" if best is not None else "no finite eval loss"
+        progress.stopped_early = (f"{count} evaluation{'s' if count > 1 else ''} in a row brought {brought} "
+                                  f"(--early-stopping {patience})")
 
 
 def finish_run(run: Run) -> None:

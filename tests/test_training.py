@@ -420,6 +420,13 @@ def test_a_non_finite_eval_loss_is_never_the_best(tmp_path, init_folder, corpus,
     assert "epoch 4, step" in best and len(epoch_rows(best)) == 4
 
 
+def test_early_stopping_after_evaluations_that_were_never_finite(tmp_path, init_folder, corpus, monkeypatch):
+    monkeypatch.setattr(training, "evaluate", lambda run: float("nan"))
+    progress = train(config_for(init_folder, corpus, tmp_path / "run", epochs=3, early_stopping=1))
+    assert progress.finished and progress.best_eval_loss is None
+    assert progress.stopped_early == "1 evaluation in a row brought no finite eval loss (--early-stopping 1)"
+
+
 def test_early_stopping_counts_the_evaluations_within_an_epoch(tmp_path, init_folder, corpus, monkeypatch):
     losses = iter([3.0, 3.1, 3.2] + [4.0] * 100)  # the evaluations at steps 4 and 6 bring no new lowest loss
     monkeypatch.setattr(training, "evaluate", lambda run: next(losses))
