@@ -17,7 +17,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2kids.atomic_files import describe_os_error, replace_folder
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, warn
 from gpt2kids.model import GPT2
 
 CHECKPOINT = "checkpoint"
@@ -153,7 +152,7 @@ def load_latest_good(run_dir: Path) -> Checkpoint:
         problem = damage_in(folder)
         if problem is None:
             if problems:
-                print(f"warning: {problems[0]}; resuming from the previous checkpoint {folder}", file=sys.stderr)
+                warn(f"{problems[0]}; resuming from the previous checkpoint {folder}")
             return _read(folder)
         problems.append(problem)
     if problems:

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from gpt2kids.errors import Stopped, UserError
+from gpt2kids.errors import Stopped, UserError, speaks
 
 EXIT_USAGE = 2
 
 
 def die(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    if speaks():
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
 
@@ -45,9 +46,11 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     except UserError as error:
         die(str(error))
     except Stopped as stop:
-        print(str(stop), file=sys.stderr)
+        if speaks():
+            print(str(stop), file=sys.stderr)
         raise SystemExit(stop.exit_status) from None
     except KeyboardInterrupt:  # Ctrl-C where no one handles it (a second one, while training): no traceback
-        print("\ninterrupted", file=sys.stderr)
+        if speaks():
+            print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(status or 0)

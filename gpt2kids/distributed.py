@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,17 @@ import torch.distributed as dist
 
 from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
+
+
+@contextlib.contextmanager
+def _peers_answer() -> Iterator[None]:
+    """A collective whose other side has exited fails with the transport's error (gloo: "Connection closed by
+    peer"): one line instead, since the process that stopped first said why (rank 0's line, or its traceback)."""
+    try:
+        yield
+    except RuntimeError as error:  # NCCL's DistBackendError is one too
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"another process of this torchrun run stopped ({first}); see its message") from None
 
 
 @dataclass
@@ -38,6 +51,10 @@ class Distributed:
         use_cuda = (torch.cuda.is_available() and device_name == "auto") or device_name.startswith("cuda")
         if use_cuda:
             resolve_device(device_name)  # a --device that is not there: its one line, before any GPU is touched
+            processes_here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
+            if gpus < processes_here:  # said by every process alike, so rank 0's line shows
+                raise UserError(f"torchrun started {processes_here} processes on this machine but it has {gpus} "
+                                f"GPU(s); pass --nproc_per_node={gpus}")
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
@@ -57,7 +74,8 @@ class Distributed:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with _peers_answer():
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def any(self, flag: bool, device: torch.device) -> bool:
@@ -71,19 +89,22 @@ class Distributed:
         if not self.enabled:
             return [value]
         values: list[Any] = [None] * self.world_size
-        dist.all_gather_object(values, value)
+        with _peers_answer():
+            dist.all_gather_object(values, value)
         return values
 
     def broadcast(self, value: Any) -> Any:
         if not self.enabled:
             return value
         holder = [value]
-        dist.broadcast_object_list(holder, src=0)
+        with _peers_answer():
+            dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            with _peers_answer():
+                dist.barrier()
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

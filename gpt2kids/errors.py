@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+def speaks() -> bool:
+    """Whether this process prints warnings and errors: under torchrun only rank 0 does, since every process
+    reads the same inputs and would print the same lines, interleaved."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 def warn(message: str) -> None:
     """One line on stderr about something that did not stop the work."""
-    print(f"warning: {message}", file=sys.stderr)
+    if speaks():
+        print(f"warning: {message}", file=sys.stderr)
 
 
 class UserError(Exception):

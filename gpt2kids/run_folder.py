@@ -64,6 +64,12 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
     return config, out
 
 
+def resume_command(folder: Path, processes: int) -> str:
+    """The command that continues the run in `folder`: with the process count it was trained with."""
+    launcher = f"torchrun --nproc_per_node={processes}" if processes > 1 else "python"
+    return f"{launcher} train.py --out {folder} --resume"
+
+
 def held_out_stories(folder: Path) -> list[str]:
     """The stories a run held out for evaluation, chosen again from its train_config.json (same data, seed)."""
     config = read_settings(folder, "pass the held-out texts as --data")

@@ -378,8 +378,9 @@ def train_epoch(run: Run) -> bool:
         finish_epoch(run, time.perf_counter() - started)
     if stop and not run.is_over:  # a signal in the run's last step (or its early stop): the run ends anyway
         received = run.stop_signal or signal.SIGTERM  # on another process: torchrun passes SIGTERM/SIGINT on
+        resume = run_folder.resume_command(run.folder, run.dist.world_size)
         raise Stopped(f"stopped by {received.name} at step {progress.step}; a checkpoint is saved; "
-                      f"continue with: python train.py --out {run.folder} --resume", 128 + int(received))
+                      f"continue with: {resume}", 128 + int(received))
     return at_limit
 
 
@@ -425,8 +426,9 @@ def stop_on_signals(run: Run) -> Iterator[None]:
 
     def request_stop(number: int, _frame: object) -> None:
         run.stop_signal = signal.Signals(number)
-        print(f"\n{run.stop_signal.name} received: stopping after this step and saving a checkpoint "
-              "(send it again to abort without saving)", file=sys.stderr)
+        if run.dist.is_main:  # torchrun passes the signal to every process
+            print(f"\n{run.stop_signal.name} received: stopping after this step and saving a checkpoint "
+                  "(send it again to abort without saving)", file=sys.stderr)
         signal.signal(number, previous[number])
 
     numbers = (signal.SIGINT, signal.SIGTERM)
@@ -483,8 +485,9 @@ def run_epochs(run: Run) -> Progress:
     if progress.finished and run.config.push_to_hub and run.dist.is_main:
         push_export(run)
     elif run.config.push_to_hub and not progress.finished:  # --max-steps ended this session before the run's end
+        resume = run_folder.resume_command(run.folder, run.dist.world_size)
         run.reporter.say(f"not pushed to {run.config.push_to_hub}: the run is not finished (step {progress.step} of "
-                         f"{run.total_steps}); finish it with python train.py --out {run.folder} --resume, or push "
+                         f"{run.total_steps}); finish it with {resume}, or push "
                          f"what it has with python -m gpt2kids.push {run.folder} {run.config.push_to_hub}")
     return progress
 

@@ -75,3 +75,10 @@ def test_human_size():
     assert run_folder.human_size(512_300) == "512.3 KB"
     assert run_folder.human_size(999_950) == "1.0 MB"  # rounding up moves to the next unit
     assert run_folder.human_size(999_960_000) == "1.0 GB"
+
+
+def test_the_resume_command_names_the_process_count_the_run_was_trained_with():
+    from pathlib import Path
+
+    assert run_folder.resume_command(Path("runs/a"), 1) == "python train.py --out runs/a --resume"
+    assert run_folder.resume_command(Path("runs/a"), 2) == "torchrun --nproc_per_node=2 train.py --out runs/a --resume"

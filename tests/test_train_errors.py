@@ -151,3 +151,45 @@ def test_cuda_that_is_not_there_under_torchrun(capsys, tmp_path, base, monkeypat
     for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
         monkeypatch.setenv(name, value)
     fails_cleanly(capsys, tmp_path, [*base, "--device", "cuda"], "asked for CUDA but no CUDA GPU is available")
+
+
+def test_more_processes_than_gpus_under_torchrun(capsys, tmp_path, base, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    fails_cleanly(capsys, tmp_path, [*base, "--device", "cuda"],
+                  "torchrun started 2 processes on this machine but it has 1 GPU(s); pass --nproc_per_node=1")
+
+
+def test_under_torchrun_only_rank_0_prints_errors_and_warnings(capsys, monkeypatch):
+    """Every process reads the same inputs: the others' copies of rank 0's lines came out interleaved."""
+    from gpt2kids.errors import UserError, warn
+
+    def fails() -> int:
+        warn("something")
+        raise UserError("bad input")
+
+    for rank, expected in (("1", ""), ("0", "warning: something\nerror: bad input\n")):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            run_cli(fails)
+        assert stop.value.code == 2 and capsys.readouterr().err == expected
+
+
+def test_a_collective_whose_peer_has_stopped_is_one_line(monkeypatch):
+    """Rank 0 refusing its inputs alone (a run folder that is a file) left rank 1 a traceback at the barrier."""
+    import torch.distributed
+
+    from gpt2kids.distributed import Distributed
+    from gpt2kids.errors import UserError
+
+    def closed() -> None:
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+
+    monkeypatch.setattr(torch.distributed, "barrier", closed)
+    with pytest.raises(UserError, match=r"another process of this torchrun run stopped \(.*Connection closed by peer"):
+        Distributed(rank=1, local_rank=1, world_size=2).barrier()
