@@ -16,7 +16,7 @@ class Reporter:
     def __init__(self, folder: Path, is_main: bool, start_step: int, settings: dict[str, Any],
                  resumed: bool = False) -> None:
         """A `resumed` run (at `start_step`, 0 for a run killed before its first checkpoint) drops the events a
-        killed run logged after it; a new run logs its `settings` (the hyper-parameters) as hparams."""
+        killed run logged after it; a run with no events yet logs its `settings` (the hyper-parameters) as hparams."""
         self.is_main = is_main
         self.writer = None
         if not is_main:
@@ -27,8 +27,10 @@ class Reporter:
         # Every session starts with a SessionLog START (a new run's at step 0): TensorBoard's Python loader
         # takes the first START of a run as its beginning and only a later one as a restart that drops the
         # steps a killed session logged after its checkpoint.
+        # hparams once per run: a resumed run's are in its earlier events, unless it stopped before logging any.
+        logged_before = resumed and any(folder.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if resumed else 0)
-        if not resumed:
+        if not logged_before:
             values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
             for summary in hparams(values, {"eval/loss": 0.0, "eval/perplexity": 0.0}):
                 self.writer.file_writer.add_summary(summary)

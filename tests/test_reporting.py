@@ -59,3 +59,22 @@ def test_a_max_steps_run_also_says_where_the_model_is(tmp_path, init_folder, cor
     assert result.returncode == 0, result.stderr
     assert f"exports: {out / 'final'}/" in result.stderr
     assert f"python generate.py --model {out / 'final'} " in result.stderr  # no evaluation yet: no best/
+
+
+def hparams_summaries(run_dir) -> int:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sum(value.tag == "_hparams_/session_start_info" for path in sorted(run_dir.glob("events.out.tfevents.*"))
+               for event in EventFileLoader(str(path)).Load() for value in event.summary.value)
+
+
+def test_hparams_are_logged_once_per_run_even_when_its_first_session_logged_nothing(tmp_path):
+    """--resume of a run stopped before its Reporter started (its first session wrote no events) starts again
+    from step 0 as a resumed run: its hyper-parameters went unlogged."""
+    from gpt2kids.reporting import Reporter
+
+    settings = {"lr": 5e-5, "epochs": 10}
+    Reporter(tmp_path, True, 0, settings, resumed=True).close()  # no events before: the hparams now
+    assert hparams_summaries(tmp_path) == 1
+    Reporter(tmp_path, True, 0, settings, resumed=True).close()  # a second session: not again
+    assert hparams_summaries(tmp_path) == 1
