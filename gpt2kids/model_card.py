@@ -101,8 +101,11 @@ def _body(facts: CardFacts) -> list[str]:
              "loop; no Hugging Face Trainer).", "", which, ""]
     if facts.stopped_early:
         lines += [f"The run stopped early: {facts.stopped_early}.", ""]
-    lines += ["## Training results", "", "![Training and validation loss](loss.svg)", "",
-              "| epoch | step | training loss | validation loss | perplexity |", "| --- | --- | --- | --- | --- |"]
+    lines += ["## Training results", "", "![Training and validation loss](loss.svg)", ""]
+    if not facts.history:  # a --max-steps stop within the first epoch: a table of no rows would say nothing
+        lines.append(f"No epoch has finished: these are the weights at step {facts.step}, within the first epoch.")
+    else:
+        lines += ["| epoch | step | training loss | validation loss | perplexity |", "| --- | --- | --- | --- | --- |"]
     for row in facts.history:
         eval_part = ("- | - |" if row.get("eval_loss") is None
                      else f"{row['eval_loss']:.4f} | {row['perplexity']:.2f} |")

@@ -107,6 +107,13 @@ def test_without_held_out_data_there_are_no_results_and_one_line_in_the_picture(
     assert len(train_line) == 3
 
 
+def test_a_stop_within_the_first_epoch_has_a_line_instead_of_an_empty_table():
+    files = card_files(facts(history=[], export="final", epoch=0, step=3, stopped_early="--max-steps 3"))
+    assert "| epoch | step |" not in files["README.md"]
+    assert "No epoch has finished: these are the weights at step 3, within the first epoch." in files["README.md"]
+    assert "no epoch finished yet" in files["loss.svg"]
+
+
 def test_the_picture_has_a_point_per_epoch_with_lower_loss_drawn_higher():
     svg = card_files(facts())["loss.svg"]
     root = ET.fromstring(svg)
