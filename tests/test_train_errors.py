@@ -64,6 +64,7 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--init", "scratch", "--model-size", "tiny", "--vocab-size", "10"], "--vocab-size 10 is too small"),
     (["--device", "tpu"], "is not"),
     (["--early-stopping", "2", "--eval-split", "0"], "--early-stopping needs held-out stories"),
+    (["--private"], "--private only applies with --push-to-hub REPO_ID"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--seed", str(2**63)], "--seed must be a whole number from 0"),  # torch.manual_seed would overflow
     (["--data", ""], "--data is empty"),  # an unset shell variable: not the bundled stories
