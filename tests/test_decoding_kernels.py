@@ -246,13 +246,39 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(counted, tmp_path):
     assert json.loads(path.read_text())["machine"] == decoding.machine()
 
 
-def test_a_damaged_entry_in_a_whole_cache_is_measured_again(counted, tmp_path):
+def test_a_cache_of_an_older_version_is_measured_again_and_rewritten(counted):
+    shapes = tiny_shapes()
+    choose_kernels(shapes, torch.float32)
+    path = decoding.cache_file()
+    stored = json.loads(path.read_text())
+    stored["version"] = decoding.CACHE_VERSION - 1  # its entries may mean something else now
+    path.write_text(json.dumps(stored))
+    choose_kernels(shapes, torch.float32)
+    assert len(counted) == 2 * len(shapes)
+    assert json.loads(path.read_text())["version"] == decoding.CACHE_VERSION
+
+
+def _drop_the_kernels(entry: dict) -> None:
+    del entry["kernels"]
+
+
+def _an_unknown_kernel(entry: dict) -> None:
+    entry["kernels"] = "warp/linear"
+    entry["seconds"]["1"]["warp"] = 1e-6  # timed, even: still no kernel this version knows
+
+
+def _seconds_not_a_number(entry: dict) -> None:
+    entry["seconds"]["1"][decoding.one_row(entry["kernels"])] = "fast"
+
+
+@pytest.mark.parametrize("damage", [_drop_the_kernels, _an_unknown_kernel, _seconds_not_a_number])
+def test_a_damaged_entry_in_a_whole_cache_is_measured_again(counted, tmp_path, damage):
     shapes = tiny_shapes()
     choose_kernels(shapes, torch.float32)
     path = decoding.cache_file()
     stored = json.loads(path.read_text())
     head = LinearShape(VOCAB, 48, False, True).key(torch.float32)
-    del stored["shapes"][head]["kernels"]  # the file parses; one entry does not hold a decision
+    damage(stored["shapes"][head])  # the file parses; one entry does not hold a decision
     path.write_text(json.dumps(stored))
     chosen = choose_kernels(shapes, torch.float32)
     assert len(counted) == len(shapes) + 1  # that entry alone was measured again
@@ -289,6 +315,11 @@ def test_precision_auto_on_cpu_picks_the_dtype_that_decodes_faster(counted, capf
     assert not counted  # from the cache only
     assert weights_dtype_for_inference("fp32", torch.device("cpu"), config) == torch.float32
     assert weights_dtype_for_inference("bf16", torch.device("cpu"), config) == torch.bfloat16
+
+
+def test_fp16_weights_on_cpu_are_refused():
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        weights_dtype_for_inference("fp16", torch.device("cpu"))
 
 
 # --- the optimized model --------------------------------------------------------------------------

@@ -135,15 +135,16 @@ def test_transformers5_trainer_evaluate_divides_by_t_not_t_minus_1(models, texts
 
 def test_models_sharing_a_tokenizer_share_blocks_and_one_table(models, texts, capsys):
     (folder_a, _), (folder_b, _) = models["a"], models["b"]
-    # No --block-size: min(1024, the smallest context) = 64 for both, though b's context is 128.
-    records, err = run_jsonl(capsys, str(folder_a), str(folder_b), "--data", str(texts), *CPU_FP32)
+    # No --block-size: min(1024, the smallest context) = 64 for both, though b's context is 128. b is
+    # listed first, so the first model's context would not do.
+    records, err = run_jsonl(capsys, str(folder_b), str(folder_a), "--data", str(texts), *CPU_FP32)
     expected_blocks = len(reference_blocks(folder_a, 64))
-    assert [r["model"] for r in records] == [str(folder_a), str(folder_b)]
+    assert [r["model"] for r in records] == [str(folder_b), str(folder_a)]
     assert [r["blocks"] for r in records] == [expected_blocks] * 2
     assert [r["tokens"] for r in records] == [expected_blocks * 63] * 2
     assert "tokenizers differ" not in err
 
-    assert evaluate.main([str(folder_a), str(folder_b), "--data", str(texts), *CPU_FP32]) == 0
+    assert evaluate.main([str(folder_b), str(folder_a), "--data", str(texts), *CPU_FP32]) == 0
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.split() == ["model", "loss", "perplexity", "tokens", "blocks"]
     assert len(rows) == 2
@@ -235,17 +236,25 @@ def run_evaluate(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing data", "too short", "block above context", "block of 0", "no such folder",
-                                  "hub id offline"])
+@pytest.mark.parametrize("case", ["missing data", "too short", "block above context", "block of 0", "block of 1",
+                                  "batch of 0", "tokenizer of another model", "no such folder", "hub id offline"])
 def test_bad_input_is_one_line_and_exit_2(case, models, texts, tmp_path):
     folder = str(models["a"][0])
     short = tmp_path / "short.txt"
     short.write_text("Halo.", encoding="utf-8")
+    mismatched = tmp_path / "mismatched"  # c's 300 embeddings with a's tokenizer of 400 ids
+    if case == "tokenizer of another model":
+        models["c"][1].save_pretrained(mismatched)
+        Tokenizer.from_path(folder).save(mismatched)
     args, expected = {
         "missing data": ([folder, "--data", str(tmp_path / "nope.jsonl")], "does not exist"),
         "too short": ([folder, "--data", str(short)], "not one block"),
         "block above context": ([folder, "--data", str(texts), "--block-size", "65"], "exceeds the context"),
         "block of 0": ([folder, "--data", str(texts), "--block-size", "0"], "too small"),
+        # One token per block makes no prediction: the mean would divide by 0.
+        "block of 1": ([folder, "--data", str(texts), "--block-size", "1"], "too small"),
+        "batch of 0": ([folder, "--data", str(texts), "--batch-size", "0"], "must be at least 1"),
+        "tokenizer of another model": ([str(mismatched), "--data", str(texts)], "does not belong to its model"),
         "no such folder": ([str(tmp_path / "no-model"), "--data", str(texts)], "does not exist"),
         "hub id offline": (["nobody/no-such-model", "--data", str(texts)], "offline"),
     }[case]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gpt2kids.loss as loss_module
 from gpt2kids.loss import linear_cross_entropy, perplexity
@@ -53,12 +54,28 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(chunk_tokens, dtype):
     torch.testing.assert_close(grad_w, expected_w, **bounds)
 
 
+class _MatmulCount(TorchDispatchMode):
+    """Counts the matmuls run (the gradients' are mm and addmm too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default)
+        return func(*args, **(kwargs or {}))
+
+
 def test_chunked_loss_without_gradients_computes_only_the_loss():
-    hidden, weight = torch.randn(10, 8), torch.randn(20, 8)
+    # Parameters require grad, as a model's do under evaluation's no_grad: needs_input_grad would still
+    # say True, so only the detach keeps the gradient matmuls from running.
+    hidden, weight = torch.randn(10, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
     targets = torch.randint(0, 20, (10,))
-    with torch.no_grad():
+    with torch.no_grad(), _MatmulCount() as counted:
         loss, count = linear_cross_entropy(hidden, weight, targets, chunk_tokens=3)
-    torch.testing.assert_close(loss, _reference(hidden, weight, targets, None))
+    assert counted.matmuls == 4  # the logits of the four chunks (3, 3, 3 and 1 tokens), nothing more
+    with torch.no_grad():
+        torch.testing.assert_close(loss, _reference(hidden, weight, targets, None))
     assert int(count) == 10 and loss.grad_fn is None
 
 

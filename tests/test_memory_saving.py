@@ -209,9 +209,9 @@ CONFIG = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=
                     attn_pdrop=0.0, bos_token_id=96, eos_token_id=96)
 
 
-def _random_model() -> GPT2:
+def _random_model(config: GPT2Config = CONFIG) -> GPT2:
     torch.manual_seed(5)
-    model = GPT2(CONFIG)
+    model = GPT2(config)
     with torch.no_grad():
         for parameter in model.parameters():  # every parameter random: LayerNorms and biases too
             parameter.normal_(0.0, 0.2)
@@ -266,3 +266,17 @@ def test_the_lean_model_gives_the_loss_and_gradients_of_the_plain_model(dtype):
     for name, grad in grads[0].items():
         relative = (grads[1][name] - grad).norm() / grad.norm()
         assert relative < (1e-5 if dtype is None else 4 * BF16_UNIT), (name, float(relative))
+
+
+
+def test_the_lean_model_in_eval_mode_drops_nothing_even_with_gradients():
+    """eval() turns attention dropout off; gradients on (as when probing a model) must not turn it back on."""
+    plain = _random_model(CONFIG.with_dropout(0.1)).eval()
+    lean = use_memory_saving_kernels(_random_model(CONFIG.with_dropout(0.1))).eval()
+    ids = torch.randint(0, 97, (2, 32))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    expected = plain(ids, targets)
+    assert torch.is_grad_enabled()
+    first, second = lean(ids, targets), lean(ids, targets)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)

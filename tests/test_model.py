@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import hf_model
 
 from gpt2kids.config import GPT2Config
 from gpt2kids.hf import load_model
@@ -83,6 +84,44 @@ def test_kv_cache_prefill_then_token_by_token_equals_full_forward():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_several_tokens_after_a_filled_kv_cache_without_a_mask_are_refused():
+    """Without a mask SDPA's is_causal aligns queries top-left: the new tokens would not see the prefix."""
+    model = small_model()
+    input_ids = torch.randint(0, 101, (1, 12))
+    cache = KVCache(model.config, batch_size=1, max_length=12, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        model(input_ids[:, :8], kv_cache=cache)
+        with pytest.raises(ValueError, match="need a mask"):
+            model(input_ids[:, 8:], kv_cache=cache)
+
+
+def test_build_mask_for_the_last_queries_sees_own_and_earlier_unpadded_keys():
+    """Queries are the last `query_length` of S positions; padding keys are hidden except a padding
+    query's own (no fully masked row)."""
+    padding = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    total, query_length = 7, 3
+    mask = build_mask(padding, query_length)
+    assert mask.shape == (3, 1, query_length, total) and mask.dtype == torch.bool
+    for row in range(3):
+        for query in range(query_length):
+            position = total - query_length + query
+            for key in range(total):
+                expected = key == position or (key <= position and bool(padding[row, key]))
+                assert mask[row, 0, query, key].item() == expected, (row, query, key)
+
+
+def test_several_tokens_after_a_prefill_with_build_mask_equal_the_full_forward():
+    model = small_model()
+    input_ids = torch.randint(0, 101, (2, 20))
+    padding = torch.ones(2, 20, dtype=torch.long)
+    with torch.no_grad():
+        full = model(input_ids)
+        cache = KVCache(model.config, batch_size=2, max_length=20, device="cpu", dtype=torch.float32)
+        first = model(input_ids[:, :12], kv_cache=cache)
+        rest = model(input_ids[:, 12:], mask=build_mask(padding, 8), kv_cache=cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_left_padding_with_mask_and_positions_equals_unpadded():
     model = small_model()
     short = torch.randint(0, 100, (1, 7))
@@ -135,6 +174,21 @@ def test_no_dropout_modules_when_rates_are_zero():
     assert not any(isinstance(m, torch.nn.Dropout) for m in without.modules())
     with_dropout = small_model()
     assert any(isinstance(m, torch.nn.Dropout) for m in with_dropout.modules())
+
+
+def test_each_dropout_rate_is_where_transformers_puts_it():
+    """Three distinct rates, so a dropout built from the wrong one shows (the MLP's is resid_pdrop)."""
+    rates = dict(embd_pdrop=0.11, attn_pdrop=0.22, resid_pdrop=0.33)
+    reference = hf_model(**CONFIGS["tiny"], **rates)
+    ours = small_model(**rates)
+    theirs = dict(reference.named_modules())
+    dropouts = {name: m.p for name, m in ours.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert set(dropouts) == {"transformer.drop", "transformer.h.0.attn.resid_dropout", "transformer.h.0.mlp.dropout",
+                             "transformer.h.1.attn.resid_dropout", "transformer.h.1.mlp.dropout"}
+    for name, rate in dropouts.items():
+        assert rate == theirs[name].p, name
+    for index, block in enumerate(ours.transformer.h):  # attention dropout is SDPA's dropout_p
+        assert block.attn.attn_pdrop == theirs[f"transformer.h.{index}.attn.attn_dropout"].p
 
 
 def test_sequence_longer_than_context_is_refused():
