@@ -48,8 +48,10 @@ def test_bad_configs_are_refused_with_a_clear_message(bad, message):
 
 
 def test_old_configs_with_n_ctx_only(tmp_path):
-    config = GPT2Config.from_hf_dict({"model_type": "gpt2", "n_ctx": 512, "eos_token_id": [7]})
-    assert config.n_positions == 512 and config.eos_token_id == 7
+    # Several end ids (as some configs list them): gpt2kids stops at one, the first.
+    config = GPT2Config.from_hf_dict({"model_type": "gpt2", "n_ctx": 512, "eos_token_id": [7, 9],
+                                      "bos_token_id": [5, 6]})
+    assert config.n_positions == 512 and (config.eos_token_id, config.bos_token_id) == (7, 5)
 
 
 def test_config_file_that_is_not_json(tmp_path):

@@ -219,6 +219,22 @@ def test_a_model_with_nan_weights_ends_the_streamed_line_and_gives_one_error(mod
     assert result.stderr.splitlines()[-1].startswith("error: the model computed scores that are not finite")
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_in_one_line(tmp_path, tokenizer):
+    """Its ids past the model's vocabulary would index past the embedding (an IndexError mid-story)."""
+    from gpt2kids.config import GPT2Config
+    from gpt2kids.errors import UserError
+    from gpt2kids.hf import export
+    from gpt2kids.model import GPT2
+    from gpt2kids.text_generation import StoryGenerator
+
+    small = tokenizer.vocab_size - 50
+    export(GPT2(GPT2Config(vocab_size=small, n_positions=64, n_embd=32, n_layer=1, n_head=2)), tokenizer,
+           tmp_path / "mismatched")
+    with pytest.raises(UserError, match=f"^the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                                        f"{small}; the tokenizer and the model do not belong together$"):
+        StoryGenerator.load(tmp_path / "mismatched", "cpu", "fp32")
+
+
 def test_newest_export_is_the_default(tmp_path):
     assert choose_model(None, tmp_path / "runs")[0] == HUB_DEFAULT
     for index, name in enumerate(["a/final", "b/best", "c/final"]):

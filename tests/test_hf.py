@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -47,9 +48,11 @@ def assert_loads_like(folder, reference, input_ids) -> None:
                                rtol=1e-5, atol=1e-5)
 
 
-def test_pytorch_model_bin(tmp_path, reference, input_ids):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state dict", "under a state_dict key"])
+def test_pytorch_model_bin(tmp_path, reference, input_ids, wrapped):
     write_config(tmp_path, reference)
-    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    state = reference.state_dict()
+    torch.save({"state_dict": state} if wrapped else state, tmp_path / "pytorch_model.bin")
     assert_loads_like(tmp_path, reference, input_ids)
 
 
@@ -134,6 +137,35 @@ def test_export_loads_in_transformers_with_no_missing_keys_and_same_logits(tmp_p
     torch.testing.assert_close(logits_of(theirs.eval(), input_ids), logits_of(ours, input_ids),
                                rtol=1e-5, atol=1e-5)
     assert "lm_head.weight" not in to_hf_state_dict(ours)
+
+
+def test_an_export_names_the_tokenizers_end_id_and_the_models_context(tmp_path, tokenizer):
+    """transformers' generate stops at config.json's (generation_config.json's) eos_token_id: it must be the
+    token the tokenizer ended every training story with, whatever the model's config said."""
+    from gpt2kids.config import GPT2Config
+
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=5, eos_token_id=5)
+    assert tokenizer.eos_id != 5
+    export(GPT2(config), tokenizer, tmp_path / "export")
+    saved = {name: json.loads((tmp_path / "export" / f"{name}.json").read_text())
+             for name in ("config", "generation_config", "tokenizer_config")}
+    assert saved["config"]["eos_token_id"] == saved["generation_config"]["eos_token_id"] == tokenizer.eos_id
+    assert saved["tokenizer_config"]["model_max_length"] == 64  # the context, not GPT-2's 1024
+
+
+def test_the_models_end_id_is_generation_configs_else_config_jsons_first(tmp_path):
+    from gpt2kids.hf import model_eos_id
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": 5}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 6}))
+    assert model_eos_id(tmp_path) == 6  # what transformers' generate stops at
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert model_eos_id(tmp_path) == 7  # several end ids: gpt2kids stops at one, the first
+    (tmp_path / "generation_config.json").unlink()
+    assert model_eos_id(tmp_path) == 5
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": [8, 9]}))
+    assert model_eos_id(tmp_path) == 8
 
 
 def test_pipeline_runs_on_an_export(tmp_path, tokenizer):
@@ -223,6 +255,15 @@ def test_truncated_safetensors(tmp_path, reference):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(UserError, match="damaged or truncated"):
+        load_model(tmp_path)
+
+
+def test_a_sharded_save_missing_a_shard_names_the_shard(tmp_path, reference):
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(UserError, match=re.escape(f"shard {shard} named in model.safetensors.index.json is missing; "
+                                                  "re-download the model")):
         load_model(tmp_path)
 
 

@@ -147,6 +147,16 @@ def test_hub_base_model_is_only_a_hub_id(tmp_path, monkeypatch):
     assert hub_base_model(str(tmp_path / "init")) is None
 
 
+def test_a_local_base_model_is_named_by_its_folder_name_only():
+    """The card is public: it names a local --init folder, never the path on the machine that trained it."""
+    from gpt2kids.model_card import base_model_shown
+
+    readme = card_files(facts(base_model="/home/ani/models/init"))["README.md"]
+    assert "A GPT-2 fine-tuned from a local folder, `init`" in readme and "/home/ani" not in readme
+    assert ModelCard(readme).data.base_model is None
+    assert base_model_shown("/home/ani/models/init") == "init (a local folder)"  # the settings table's entry
+
+
 def test_export_writes_the_card_files_into_the_folder(tmp_path, tokenizer):
     from gpt2kids.config import GPT2Config
     from gpt2kids.hf import export
@@ -177,6 +187,9 @@ def test_a_training_run_writes_cards_for_best_and_final(tmp_path, init_folder, c
     final = ModelCard.load(out / "final" / "README.md")
     assert metrics(final)["loss"] == round(losses[-1], 4) and len(table_rows(final.text)) == 2
     assert final.data.base_model is None  # started from a local folder, not a hub id
+    for card in (best, final):  # named by its folder's name, not its path on this machine
+        assert f"| base model | {init_folder.name} (a local folder) |" in card.text
+        assert str(init_folder) not in card.text
     assert len(polylines((out / "final" / "loss.svg").read_text())[1]) == 2
 
 

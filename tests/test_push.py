@@ -155,7 +155,7 @@ def push_cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
     ("offline", "the Hugging Face hub is offline here"),
     ("no token", "no Hugging Face token: run `hf auth login` or set HF_TOKEN"),
     ("missing", "is not a folder; pass an export"),
-    ("incomplete", "lacks model.safetensors, README.md (the model card)"),
+    ("incomplete", "lacks model.safetensors, tokenizer.json (or vocab.json + merges.txt), README.md (the model card)"),
     ("bad repo id", "is not a hub repo id"),
     ("repo id with a newline", "is not a hub repo id"),
     ("repo id without an owner", "'kids' names no owner; use owner/name, e.g. yourname/kids"),
@@ -168,7 +168,8 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
     if case == "no export":
         (run / "checkpoint").mkdir(parents=True)  # a run killed before its first export
     else:
-        fake_export(run / "best", skip=("model.safetensors", "README.md") if case == "incomplete" else ())
+        fake_export(run / "best", skip=("model.safetensors", "tokenizer.json", "README.md") if case == "incomplete"
+                    else ())
     before = snapshot(tmp_path)
     path = str(tmp_path / "nowhere") if case == "missing" else str(run)
     env = {"HF_HUB_OFFLINE": "1" if case == "offline" else "0"}

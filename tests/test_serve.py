@@ -284,10 +284,23 @@ def test_a_taken_port_is_one_line(monkeypatch, tokenizer, story_model):
     assert "--port" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_port_out_of_range_is_one_line(capsys, model_folder):
+    need("gradio")  # --serve asks for it before the model loads
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: generate_cli.main(["--serve", "--model", str(model_folder), "--port", "70000"]))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "error: --port must be from 1 to 65535, got 70000", lines
+    assert not [line for line in lines[:-1] if line.startswith("error: ")]
+
+
 def test_the_seed_box_takes_whole_numbers_as_any_client_sends_them():
     from gpt2kids.serve import _seed
 
     assert [_seed(text) for text in ("", "  ", None, "7", " 7.0 ", "1e3")] == [None, None, None, 7, 7, 1000]
+    # Exact, however long: float() would round 2**53 + 1, a valid seed, to 2**53, and the next one to
+    # 12345678901234567168 (which stream_story then refuses, past 2**63 - 1, naming another number).
+    assert [_seed(text) for text in ("9007199254740993", "12345678901234567890")] == [2**53 + 1, 12345678901234567890]
     for text in ("abc", "7.5", "nan"):
         with pytest.raises(UserError, match="seed must be a whole number"):
             _seed(text)
