@@ -103,9 +103,10 @@ def main(argv: Sequence[str]) -> int:
         if len(prompts) > 1 or args.num_return_sequences != 1 or args.format != "text":
             raise UserError("--serve shows one story at a time on its page: give at most one PROMPT (the page's "
                             "first prompt), and no --num-return-sequences or --format")
-        from gpt2kids.serve import require_gradio
+        from gpt2kids.serve import check_address, require_gradio
 
         require_gradio()  # before the model loads, so that a missing extra is the only line
+        check_address(args.host, args.port)  # and a port that is taken, or out of range
     elif not prompts and args.prompts_file:
         raise UserError(f"--prompts-file {args.prompts_file} holds no prompts (blank lines are skipped); write one "
                         "prompt per line, or a .jsonl with a \"prompt\" field")

@@ -200,17 +200,26 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
     return app
 
 
-def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 7860, **page: object) -> None:
-    """Serve `build_app(model, tokenizer, **page)` on http://host:port until Ctrl-C."""
+def _cannot_serve(host: str, port: int) -> UserError:
+    return UserError(f"cannot serve on {host}:{port}: the port is in use, or the address is not one of this "
+                     "machine's; pass another --port or --host")
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise `UserError` unless a server can listen on host:port now: generate.py asks before the model loads.
+    By hand, since gradio finds out after seconds of retries, and its server logs a line of its own."""
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
-    cannot_serve = UserError(f"cannot serve on {host}:{port}: the port is in use, or the address is not one of "
-                             "this machine's; pass another --port or --host")
-    try:  # first by hand: gradio finds out after seconds of retries, and its server logs a line of its own
+    try:
         with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
             pass
     except OSError:
-        raise cannot_serve from None
+        raise _cannot_serve(host, port) from None
+
+
+def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 7860, **page: object) -> None:
+    """Serve `build_app(model, tokenizer, **page)` on http://host:port until Ctrl-C."""
+    check_address(host, port)
     app = build_app(model, tokenizer, **page)
     try:
         # Nothing leaves this machine: no share link, no server-side rendering (a Node process),
@@ -218,7 +227,7 @@ def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int 
         _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
                                quiet=True, prevent_thread_lock=True)
     except OSError:  # taken in the meantime
-        raise cannot_serve from None
+        raise _cannot_serve(host, port) from None
     print(f"serving {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     try:
         while app.is_running:
