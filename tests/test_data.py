@@ -85,6 +85,9 @@ def test_split_is_by_story_deterministic_and_seeded():
     with pytest.raises(UserError, match="at least 2"):
         data.split_stories(["satu"], 0.1, seed=42)
     assert data.split_stories(["satu"], 0.0, seed=42) == (["satu"], [])
+    # A fraction that rounds to no story still holds one out, and one that rounds to all of them leaves one in.
+    assert [len(part) for part in data.split_stories(stories[:3], 0.1, seed=42)] == [2, 1]
+    assert [len(part) for part in data.split_stories(stories[:2], 0.9, seed=42)] == [1, 1]
 
 
 def test_blocks_predict_the_next_token_and_padding_has_no_target():
@@ -163,7 +166,12 @@ def test_step_plan_covers_each_block_once_per_epoch_and_ranks_split_micro_batche
 def test_different_story_lists_never_share_a_cache_key(tokenizer):
     # A story may hold any character a .jsonl can carry, NUL included: lengths, not separators, keep them apart.
     assert data.cache_key(["Satu\x00story\x00Dua"], tokenizer) != data.cache_key(["Satu", "Dua"], tokenizer)
+    # As many stories, the same bytes cut elsewhere: only each story's own length tells these apart.
+    assert data.cache_key(["a\x00b", "c"], tokenizer) != data.cache_key(["a", "b\x00c"], tokenizer)
+    assert data.corpus_digest(["a\x00b", "c"], []) != data.corpus_digest(["a", "b\x00c"], [])
     assert data.corpus_digest(["a", "b"], []) != data.corpus_digest(["a"], ["b"])
+    # The held-out stories count too: a resume on another --eval-data would evaluate on other text.
+    assert data.corpus_digest(["a"], ["b"]) != data.corpus_digest(["a"], ["c"])
 
 
 def test_token_cache_is_keyed_by_the_tokenizer_too(tokenizer, tmp_path, monkeypatch):
@@ -193,6 +201,27 @@ def test_token_cache_is_keyed_by_the_tokenizer_too(tokenizer, tmp_path, monkeypa
     # Both now come from the cache, each with its own tokenizer's ids.
     assert data.tokenize_stories(stories, tokenizer).tolist() == expected["session"]
     assert data.tokenize_stories(stories, other).tolist() == expected["other"]
+
+
+def test_token_cache_is_keyed_by_the_end_of_text_id_too(tokenizer, tmp_path, monkeypatch):
+    """The same BPE under a model whose eos_token_id names another token ends each story with that id."""
+    from gpt2kids.tokenizer import Tokenizer
+
+    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path))
+    other = Tokenizer.from_json_string(tokenizer.backend.to_str(), tokenizer.special_tokens, tokenizer.vocab_size - 1)
+    assert other.eos_id != tokenizer.eos_id and other.encode("Satu dua.") == tokenizer.encode("Satu dua.")
+    stories = ["Kancil melompat ke seberang sungai.", "Sari pergi ke pasar bersama ibunya."]
+    assert data.tokenize_stories(stories, tokenizer)[-1] == tokenizer.eos_id
+    ended = data.tokenize_stories(stories, other)  # a key without the eos id would return the stream above
+    assert ended.tolist() == [token for story in stories for token in [*other.encode(story), other.eos_id]]
+    assert data.cache_key(stories, tokenizer) != data.cache_key(stories, other)
+
+
+def test_stories_that_give_no_training_tokens_are_refused(tokenizer):
+    # Blocks of one token have no next token inside the block to predict: nothing to train on.
+    with pytest.raises(UserError, match="give no training tokens at --block-size 1; add stories or raise"):
+        data.build_dataset(["Satu dua tiga.", "Empat lima."], [], tokenizer, block_size=1)
+    assert data.build_dataset(["Satu dua tiga.", "Empat lima."], [], tokenizer, block_size=2).train.token_count > 0
 
 
 def test_a_folder_gives_its_txt_files_and_skips_hidden_folders(tmp_path, capsys):

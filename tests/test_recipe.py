@@ -16,6 +16,7 @@ from conftest import REPO, SAMPLE_TEXTS, config_for
 
 from gpt2kids import data
 from gpt2kids.config import GPT2Config
+from gpt2kids.errors import UserError
 from gpt2kids.model import GPT2
 from gpt2kids.optimizer import lr_lambda, make_optimizer
 from gpt2kids.train_config import build_parser as build_train_parser
@@ -154,6 +155,11 @@ def test_eval_data_trains_on_every_story_and_evaluates_on_the_given_file(tmp_pat
     run_epochs(trainer)
     assert f"{len(stories)} training stories" in (out / "final" / "README.md").read_text()
     assert "6 held out" in (out / "final" / "README.md").read_text()
+
+    # The held-out stories are part of what a resume checks: with other ones its eval losses would not compare.
+    eval_file.write_text("".join(json.dumps({"text": story}) + "\n" for story in SAMPLE_TEXTS[1:7]), encoding="utf-8")
+    with pytest.raises(UserError, match=r"the stories of the run in .* changed since it started"):
+        build_trainer(config_for(init_folder, corpus, out, eval_data=str(eval_file), max_steps=6, resume=True))
 
 
 def test_eval_split_0_holds_nothing_out(tmp_path, init_folder, corpus):

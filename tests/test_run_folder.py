@@ -60,9 +60,17 @@ def test_exports_and_checkpoints_are_readable_like_any_other_file(tmp_path, init
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
-def test_drop_resume_state_keeps_only_the_exports(tmp_path, init_folder, corpus):
+def test_drop_resume_state_keeps_only_the_exports(tmp_path, init_folder, corpus, monkeypatch):
+    real_drop, held = run_folder.drop_resume_state, []
+
+    def drop(folder):  # what there was to drop: the second epoch's checkpoint moved the first one aside
+        held.extend(name for name in ("checkpoint", "checkpoint-previous") if (folder / name).is_dir())
+        real_drop(folder)
+
+    monkeypatch.setattr(run_folder, "drop_resume_state", drop)
     out = tmp_path / "run"
-    train(config_for(init_folder, corpus, out, epochs=1, drop_resume_state=True))
+    train(config_for(init_folder, corpus, out, epochs=2, drop_resume_state=True))
+    assert held == ["checkpoint", "checkpoint-previous"]
     assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
     assert not (out / "checkpoint").exists() and not (out / "checkpoint-previous").exists()
     with pytest.raises(UserError, match="nothing to resume|holds no checkpoint"):

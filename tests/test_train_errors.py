@@ -50,6 +50,7 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--lr", "-0.001"], "--lr must be positive"),
     (["--lr", "nan"], "--lr must be finite"),
     (["--block-size", "-4"], "--block-size must be positive"),
+    (["--block-size", "1"], "give no training tokens at --block-size 1"),  # no next token within a block
     (["--max-steps", "0"], "--max-steps must be positive"),
     (["--warmup-steps", "-2"], "--warmup-steps must be a finite number >= 0"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be a finite number >= 0"),

@@ -273,6 +273,17 @@ def test_a_run_ends_with_final_then_one_checkpoint_that_records_it_finished(tmp_
     assert events == [("checkpoint", 1, False), ("final",), ("checkpoint", 2, True)]
 
 
+def test_the_evaluation_sample_leaves_the_training_rng_alone(tmp_path, init_folder, corpus):
+    """Dropout draws from the global generator: a sample drawn from it would move every later step's masks."""
+    run = prepare_run(config_for(init_folder, corpus, tmp_path / "run"))
+    state = torch.get_rng_state()
+    story = training.sample_story(run)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert story.startswith(training.SAMPLE_PROMPT) and len(story) > len(training.SAMPLE_PROMPT)
+    torch.manual_seed(1)  # another global state: the same story (its own generator, seeded by --seed)
+    assert training.sample_story(run) == story
+
+
 def test_a_stop_signal_in_the_last_step_lets_the_run_end(tmp_path, init_folder, corpus, monkeypatch):
     real_step = training.optimizer_step
 
@@ -375,6 +386,32 @@ def test_fp16_skips_a_non_finite_step_whole_and_trains_on(tmp_path, init_folder,
     assert all(int(state["step"]) == 1 for state in run.optimizer.state.values())
 
 
+def test_an_epochs_train_loss_is_the_token_weighted_mean_of_its_own_applied_steps(tmp_path, init_folder, corpus,
+                                                                                   monkeypatch):
+    """Each epoch starts its sum afresh, and an fp16 step skipped for a non-finite loss counts for nothing."""
+    real_step, steps = training.optimizer_step, []
+
+    def recorded(run, micro_batches):
+        forward = run.forward
+        if (run.progress.epoch, run.progress.step_in_epoch) == (1, 1):  # epoch 2's second step overflows
+            run.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("inf")
+        try:
+            result = real_step(run, micro_batches)
+        finally:
+            run.forward = forward
+        steps.append((run.progress.epoch, result))
+        return result
+
+    monkeypatch.setattr(training, "optimizer_step", recorded)
+    progress = train(config_for(init_folder, corpus, tmp_path / "run", precision="fp16", batch_size=8))
+    assert progress.finished and len(progress.history) == 2
+    assert not [result for epoch, result in steps if epoch == 1][1].applied
+    for epoch, row in enumerate(progress.history):
+        applied = [result for at, result in steps if at == epoch and result.applied]
+        expected = sum(r.loss * r.target_tokens for r in applied) / sum(r.target_tokens for r in applied)
+        assert math.isfinite(row["train_loss"]) and row["train_loss"] == pytest.approx(expected, rel=1e-9), epoch
+
+
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, init_folder, corpus):
     out = tmp_path / "run"
     train(config_for(init_folder, corpus, out, max_steps=3, save_every=3))
@@ -384,8 +421,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     for group in run.optimizer.param_groups:
         group["lr"] = 1e30
     run.scheduler.base_lrs = [1e30] * len(run.optimizer.param_groups)
-    with pytest.raises(TrainingDiverged, match="non-finite at step") as error:
+    # Step 4 applies the absurd update; step 5's loss is the first non-finite one, and fp32 gives up at once.
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step 5 ") as error:
         run_epochs(run)
+    assert run.progress.step == 5 and run.progress.skipped_in_a_row == 1
     assert "lower --lr" in str(error.value)
     assert all(torch.equal(kept[k], v) for k, v in final_weights(out).items())
     assert (out / "final" / "model.safetensors").read_bytes() == kept_export
