@@ -347,13 +347,15 @@ def test_stream_grows_and_never_shows_half_a_character(monkeypatch, byte_tokeniz
 
 
 def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_model):
-    steps = []
+    steps, ran_out = [], []
 
     def endless_generate(model, prompts, settings, eos_id, generator=None, on_tokens=None):
-        while True:
+        deadline = time.monotonic() + 10  # a worker the stream fails to stop fails the test, not hangs it
+        while time.monotonic() < deadline:
             steps.append(1)
             on_tokens([byte_tokenizer.encode("a")[0]])
             time.sleep(0.001)
+        ran_out.append(True)
 
     monkeypatch.setattr("gpt2kids.text_generation.generate", endless_generate)
     stream = stream_story(small_model, byte_tokenizer, "", SamplingSettings(greedy=True))
@@ -361,7 +363,7 @@ def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_
     stream.close()  # what gradio does when the page goes away
     taken = len(steps)
     time.sleep(0.05)
-    assert len(steps) == taken  # the worker stopped with the stream
+    assert len(steps) == taken and not ran_out  # the worker stopped with the stream
     assert not any(thread.name == "gpt2kids-decode" for thread in threading.enumerate())
 
 
