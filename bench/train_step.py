@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- workers: one side each ----------------------------------------------------------------------
 
+def full_steps(blocks: int, batch: int) -> int:
+    """The steps of an epoch that hold a whole batch: the last, shorter one is never taken, since tokens/s
+    counts batch x block tokens for every timed step."""
+    return max(blocks // batch, 1)
+
+
 class GPT2KidsSide:
     """gpt2kids' own loop: exactly what `python train.py` runs per step."""
 
@@ -111,7 +117,9 @@ class GPT2KidsSide:
         from gpt2kids.train_config import TrainConfig
         from gpt2kids.training import optimizer_step, prepare_run
 
-        config = TrainConfig(init=str(args.folder), out=str(args.folder.parent / "gpt2kids-run"), epochs=1,
+        # A run folder per side: the dropout side's would otherwise find the other's run there and refuse it.
+        out = args.folder.parent / f"gpt2kids-run-dropout-{dropout}"
+        config = TrainConfig(init=str(args.folder), out=str(out), epochs=1,
                              batch_size=args.batch, block_size=args.block, lr=LR, schedule="constant",
                              max_grad_norm=MAX_GRAD_NORM, precision=precision, device=args.device,
                              compile=args.compile, seed=SEED, dropout=dropout)
@@ -122,8 +130,8 @@ class GPT2KidsSide:
         self.optimizer_step = optimizer_step
 
     def step(self, index: int) -> float:
-        plan = self.run.plan
-        return self.optimizer_step(self.run, plan.step_blocks(self.order, index % plan.steps_per_epoch)).loss
+        step = index % full_steps(len(self.run.dataset.train), self.run.config.batch_size)
+        return self.optimizer_step(self.run, self.run.plan.step_blocks(self.order, step)).loss
 
 
 class TransformersSide:
@@ -155,7 +163,7 @@ class TransformersSide:
         self.order = data.epoch_order(len(blocks), SEED, 0)
 
     def step(self, index: int) -> float:
-        [indices] = self.plan.step_blocks(self.order, index % self.plan.steps_per_epoch)
+        [indices] = self.plan.step_blocks(self.order, index % full_steps(len(self.inputs), self.plan.batch_size))
         inputs, labels = self.inputs[indices].to(self.device), self.labels[indices].to(self.device)
         with self.precision.autocast(self.device):
             loss = self.model(input_ids=inputs, labels=labels, use_cache=False).loss
@@ -263,6 +271,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for w in workers:
                 w.info = w.receive()
+                if w.info["precision"] not in DTYPES:  # auto on a GPU without fast bf16
+                    raise SystemExit(f"{w.name} chose {w.info['precision']}, which this benchmark does not compare "
+                                     "(transformers' side would need a grad scaler); pass --precision bf16 or fp32")
             # The roof for MFU, timed while every worker is idle, before and after the steps; the best counts.
             peaks = {name: matmul_peak(DTYPES[name], device) for name in {w.info["precision"] for w in workers}}
             # Every side takes the same steps on the same blocks, so their losses stay comparable step by
