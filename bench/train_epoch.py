@@ -15,9 +15,10 @@ seed 42, `--block` tokens per block), `--batch` blocks per step.
 
 Each runs in its own process; reported are the process's wall time (start to exit: imports, data,
 model loading, the epoch, evaluation and whatever each saves), the epoch itself as each tool times it
-(train.py's "epoch 1/1 ... (N s" line, which includes its end-of-epoch evaluation, sample and export;
-the Trainer's `train_runtime`, which includes its evaluation), peak RSS (ru_maxrss of the child) and
-the CPU time other processes took meanwhile.
+(train.py's "time: the loop took N s" line: the epoch's optimizer steps, its end-of-epoch evaluation and
+sample, the exports and the checkpoint; the "epoch 1/1 ... (N s" line times the steps alone. The Trainer's
+`train_runtime`, which includes its evaluation and, with save_strategy "no", saves nothing), peak RSS
+(ru_maxrss of the child) and the CPU time other processes took meanwhile.
 
     python bench/train_epoch.py [--model-size small|tiny] [--batch 4] [--block 512] [--eval-split 0.1]
                                 [--repeats 1] [--hf-bf16] [--device auto]
@@ -44,6 +45,7 @@ from gpt2kids import data
 from gpt2kids.device import resolve_device
 
 EPOCH_LINE = re.compile(r"epoch 1/1: train loss ([\d.]+)(?:, eval loss ([\d.]+))?.*\((\d+) s, step (\d+)\)")
+LOOP_LINE = re.compile(r"time: the loop took ([\d.]+) s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,10 +133,10 @@ def run_gpt2kids(args: argparse.Namespace, folder: Path, out: Path, env: dict[st
                "--batch-size", str(args.batch), "--block-size", str(args.block), "--eval-split", str(args.eval_split),
                "--device", args.device]
     result = run_child(command, env, out.parent / out.name)
-    match = EPOCH_LINE.search(result["stderr"])
-    if match is None:
-        raise SystemExit(f"train.py printed no 'epoch 1/1' summary:\n{result['stderr'][-3000:]}")
-    result.update(epoch_s=float(match.group(3)), train_loss=float(match.group(1)),
+    match, loop = EPOCH_LINE.search(result["stderr"]), LOOP_LINE.search(result["stderr"])
+    if match is None or loop is None:
+        raise SystemExit(f"train.py printed no 'epoch 1/1' summary or 'time:' line:\n{result['stderr'][-3000:]}")
+    result.update(epoch_s=float(loop.group(1)), train_loss=float(match.group(1)),
                   eval_loss=float(match.group(2)) if match.group(2) else None, steps=int(match.group(4)))
     return result
 
