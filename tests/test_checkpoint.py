@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,76 @@ def test_the_manifest_names_a_missing_or_altered_file_and_passes_a_whole_one(tmp
     assert checkpoint.damage_in(tmp_path) == f"{tmp_path / checkpoint.MANIFEST} does not list progress.json"
     (tmp_path / checkpoint.MANIFEST).write_text("{}")
     assert checkpoint.damage_in(tmp_path) == f"{tmp_path / checkpoint.MANIFEST} does not list model.safetensors"
+
+
+def tiny_model(seed: int):
+    from gpt2kids.config import GPT2Config
+    from gpt2kids.model import GPT2
+
+    torch.manual_seed(seed)
+    return GPT2(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+
+
+def test_save_vouches_for_every_file_and_keeps_the_one_it_replaces_as_previous(tmp_path):
+    for step in (10, 20):
+        checkpoint.save(tmp_path, tiny_model(step), {"progress": {"step": step}, "rng": checkpoint.rng_states()})
+    manifest = json.loads((tmp_path / "checkpoint" / checkpoint.MANIFEST).read_text())
+    assert sorted(manifest) == sorted(checkpoint.FILES)
+    for folder, step in (("checkpoint", 20), (checkpoint.PREVIOUS, 10)):
+        assert checkpoint.damage_in(tmp_path / folder) is None
+        assert json.loads((tmp_path / folder / "progress.json").read_text()) == {"step": step}
+    latest = checkpoint.load_latest_good(tmp_path)
+    assert latest.folder == tmp_path / "checkpoint" and latest.progress == {"step": 20}
+    for key, value in tiny_model(20).untied_state_dict().items():
+        assert torch.equal(latest.model[key], value), key
+
+
+def test_the_rng_states_saved_give_the_same_draws_again(tmp_path):
+    """torch's (dropout, initialisation) and Python's (the block order's shuffles)."""
+    import random
+
+    torch.manual_seed(7)
+    random.seed(7)
+    checkpoint.save(tmp_path, tiny_model(0), {"progress": {"step": 1}, "rng": checkpoint.rng_states()})
+    expected = (torch.rand(4), random.random())
+    torch.manual_seed(8)
+    random.seed(8)
+    checkpoint.restore_rng_states(checkpoint.load_latest_good(tmp_path).state["rng"])
+    again = (torch.rand(4), random.random())
+    assert torch.equal(again[0], expected[0]) and again[1] == expected[1]
+
+
+def test_a_damaged_checkpoint_set_aside_replaces_an_older_one_set_aside(tmp_path):
+    for step in (10, 20):
+        (tmp_path / "checkpoint").mkdir()
+        (tmp_path / "checkpoint" / "progress.json").write_text(json.dumps({"step": step}))
+        checkpoint.set_aside_damaged(tmp_path)
+    assert not (tmp_path / "checkpoint").exists()
+    assert json.loads((tmp_path / checkpoint.DAMAGED / "progress.json").read_text()) == {"step": 20}
+
+
+def test_the_fallback_is_said_once_and_nothing_to_resume_is_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match="nothing to resume in .*: it holds no checkpoint; drop --resume"):
+        checkpoint.load_latest_good(tmp_path)
+    for step in (10, 20):
+        checkpoint.save(tmp_path, tiny_model(step), {"progress": {"step": step}})
+    capsys.readouterr()
+    checkpoint.load_latest_good(tmp_path)
+    assert capsys.readouterr().err == ""
+    (tmp_path / "checkpoint" / "progress.json").write_text('{"step": 21}')
+    assert checkpoint.load_latest_good(tmp_path).progress == {"step": 10}
+    err = capsys.readouterr().err
+    assert err == (f"warning: {tmp_path / 'checkpoint' / 'progress.json'} is damaged (its checksum does not match the "
+                   f"manifest); resuming from the previous checkpoint {tmp_path / checkpoint.PREVIOUS}\n"), err
+
+
+def test_a_run_killed_between_the_renames_of_a_save_still_has_a_checkpoint(tmp_path):
+    """The old checkpoint/ is already checkpoint-previous/ and the new one not yet renamed in."""
+    for step in (10, 20):
+        checkpoint.save(tmp_path, tiny_model(step), {"progress": {"step": step}})
+    shutil.rmtree(tmp_path / "checkpoint")
+    assert checkpoint.exists(tmp_path)
+    assert checkpoint.load_latest_good(tmp_path).progress == {"step": 10}
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_folder, corpus, monkeypatch):

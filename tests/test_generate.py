@@ -227,12 +227,26 @@ def test_a_tokenizer_larger_than_the_model_is_refused_in_one_line(tmp_path, toke
     from gpt2kids.model import GPT2
     from gpt2kids.text_generation import StoryGenerator
 
-    small = tokenizer.vocab_size - 50
+    small = tokenizer.vocab_size - 1  # one id past the embedding is one too many
     export(GPT2(GPT2Config(vocab_size=small, n_positions=64, n_embd=32, n_layer=1, n_head=2)), tokenizer,
            tmp_path / "mismatched")
     with pytest.raises(UserError, match=f"^the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                         f"{small}; the tokenizer and the model do not belong together$"):
         StoryGenerator.load(tmp_path / "mismatched", "cpu", "fp32")
+
+
+def test_jsonl_records_count_the_new_tokens_of_each_row(tokenizer):
+    from gpt2kids.text_output import write_jsonl
+
+    completions = [tokenizer.encode(" melompat tinggi"), []]
+    out = io.StringIO()
+    write_jsonl(tokenizer, ["Kancil", "Budi"], completions, out)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert records == [
+        {"prompt": "Kancil", "completion": " melompat tinggi", "text": "Kancil melompat tinggi",
+         "new_tokens": len(completions[0])},
+        {"prompt": "Budi", "completion": "", "text": "Budi", "new_tokens": 0},
+    ]
 
 
 def test_newest_export_is_the_default(tmp_path):
@@ -336,12 +350,12 @@ def test_a_prompts_file_is_read_as_the_data_reader_reads_files(tmp_path, monkeyp
     """A BOM (Notepad writes one) is no part of the first prompt, and .JSONL is .jsonl, in files and piped."""
     from gpt2kids.text_generation import read_prompts_file
 
-    (tmp_path / "bom.txt").write_bytes("\ufeffSatu\nDua\n".encode())
+    (tmp_path / "bom.txt").write_bytes("\ufeffSatu\r\nDua\r\n".encode())  # and Windows line ends, also piped
     (tmp_path / "UPPER.JSONL").write_bytes('\ufeff{"prompt": "Tiga"}\n'.encode())
     assert read_prompts_file(str(tmp_path / "bom.txt")) == ["Satu", "Dua"]
     assert read_prompts_file(str(tmp_path / "UPPER.JSONL")) == ["Tiga"]
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffEmpat\n".encode())))
-    assert read_prompts_file("-") == ["Empat"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffEmpat\r\nLima\r\n".encode())))
+    assert read_prompts_file("-") == ["Empat", "Lima"]
 
 
 def test_a_prompts_file_without_prompts_says_so(model_folder, tmp_path):

@@ -99,6 +99,12 @@ def test_an_export_folder_is_pushed_as_it_is(tmp_path):
     assert export_folder(folder) == folder
 
 
+def test_an_export_without_its_config_is_named_incomplete_not_taken_for_a_run_folder(tmp_path):
+    folder = fake_export(tmp_path / "my-export", skip=("config.json",))
+    with pytest.raises(UserError, match=r"my-export is not a complete gpt2kids export: it lacks config.json;"):
+        export_folder(folder)
+
+
 class FailingApi:
     def __init__(self, error: Exception) -> None:
         self.error = error
@@ -125,8 +131,9 @@ def http_error(status: int, server_message: str | None = None) -> HfHubHTTPError
      "fix what it names"),
     (http_error(404), "the hub refused the upload to me/kids (404: 404 Client Error); fix what it names"),
     (http_error(503), "the hub could not take the upload to me/kids (503: 503 Client Error); retry later"),
+    (http_error(500), "the hub could not take the upload to me/kids (500: 500 Client Error); retry later"),
     (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"), "check your network and retry"),
-], ids=["401", "403", "400 with the hub's reason", "404", "503", "no network"])
+], ids=["401", "403", "400 with the hub's reason", "404", "503", "500", "no network"])
 def test_hub_errors_become_one_line(tmp_path, hub, error, expected):
     fake_export(tmp_path / "best")
     api = FailingApi(error)

@@ -52,13 +52,21 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--block-size", "-4"], "--block-size must be positive"),
     (["--block-size", "1"], "give no training tokens at --block-size 1"),  # no next token within a block
     (["--max-steps", "0"], "--max-steps must be positive"),
+    (["--eval-every", "0"], "--eval-every must be positive"),
+    (["--save-every", "0"], "--save-every must be positive"),
+    (["--early-stopping", "0"], "--early-stopping must be positive"),
+    (["--vocab-size", "0"], "--vocab-size must be positive"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number >= 0"),  # clipping that never clips
     (["--warmup-steps", "-2"], "--warmup-steps must be a finite number >= 0"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be a finite number >= 0"),
     (["--eval-split", "1.5"], "--eval-split must be in [0, 1)"),
+    (["--eval-split", "1"], "--eval-split must be in [0, 1)"),  # nothing left to train on
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--schedule", "exponential"], "argument --schedule: invalid choice"),
     (["--precision", "fp8"], "argument --precision: invalid choice"),
     (["--block-size", "1000"], "--block-size 1000 exceeds the model's context of 128"),
+    (["--block-size", "129"], "--block-size 129 exceeds the model's context of 128"),
     # From scratch: refused in one line before a BPE is trained (and its lines printed).
     (["--init", "scratch", "--model-size", "tiny", "--block-size", "512"],
      "--block-size 512 exceeds the model's context of 256"),
@@ -70,9 +78,21 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--seed", str(2**63)], "--seed must be a whole number from 0"),  # torch.manual_seed would overflow
     (["--data", ""], "--data is empty"),  # an unset shell variable: not the bundled stories
     (["--eval-data", ""], "--eval-data is empty"),  # not the current folder
+    (["--tokenizer", ""], "--tokenizer is empty"),
+    (["--out", ""], "--out is empty"),  # not a new runs/<date-time>
 ])
 def test_bad_flags(capsys, tmp_path, base, extra, message):
     fails_cleanly(capsys, tmp_path, [*base, *extra], message)
+
+
+def test_settings_at_the_edge_of_what_is_allowed_pass(tmp_path):
+    """Each bound of `validate` is where the help says: 0 is a dropout, one sequence of the whole context a
+    block, an explicit --eval-data the held-out set --early-stopping needs."""
+    from gpt2kids.train_config import TrainConfig
+
+    TrainConfig(dropout=0.0, eval_split=0.0, eval_data=str(tmp_path), early_stopping=1, warmup_steps=0,
+                weight_decay=0.0, max_grad_norm=0.0, seed=0).validate()
+    TrainConfig(init="scratch", model_size="tiny", block_size=256, seed=2**63 - 1).validate()
 
 
 def test_bad_data(capsys, tmp_path, init_folder):
@@ -130,6 +150,19 @@ def test_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: --batch-size must be positive, got -3\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_flag_says_where_to_look(capsys, tmp_path, base):
+    line = fails_cleanly(capsys, tmp_path, [*base, "--bogus"], "unrecognized arguments: --bogus")
+    assert line.endswith("(see python train.py --help)"), line
+
+
+def test_run_cli_exits_with_the_status_main_returns(capsys):
+    for returned, status in ((None, 0), (0, 0), (3, 3)):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda returned=returned: returned)
+        assert stop.value.code == status
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("device, gpus, message", [
