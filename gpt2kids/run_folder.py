@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import typing
 from datetime import datetime
 from pathlib import Path
 
@@ -82,10 +83,16 @@ def held_out_stories(folder: Path) -> list[str]:
 
 def read_settings(folder: Path, otherwise: str) -> TrainConfig:
     """The settings in the run's train_config.json; `otherwise` says what to do when it cannot be read."""
-    known = {setting.name for setting in dataclasses.fields(TrainConfig)}
+    types = typing.get_type_hints(TrainConfig)
     try:
         saved = json.loads((folder / TRAIN_CONFIG).read_text())
-        return TrainConfig(**{key: value for key, value in saved.items() if key in known})
+        settings = {key: value for key, value in saved.items() if key in types}  # a newer version's: left out
+        for key, value in settings.items():  # a hand-edited "8" would fail later, in a comparison, as a traceback
+            allowed = typing.get_args(types[key]) or (types[key],)
+            allowed += (int,) if float in allowed else ()
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise TypeError(f"{key} is {value!r}, not {' or '.join(kind.__name__ for kind in allowed)}")
+        return TrainConfig(**settings)
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{folder / TRAIN_CONFIG} cannot be read ({error}); {otherwise}") from None
 
