@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.device import PRECISIONS
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, warn
 from gpt2kids.hf import resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.text_generation import (
@@ -120,9 +120,8 @@ def main(argv: Sequence[str]) -> int:
     generator = StoryGenerator.load(folder, args.device, args.precision, args.compile)
     print(f"loaded on {generator.description}", file=sys.stderr)
     if settings.max_new_tokens > generator.model.config.n_positions:  # a one-token prompt and N new take N positions
-        print(f"warning: --max-new-tokens {settings.max_new_tokens} does not fit the context of "
-              f"{generator.model.config.n_positions}; prompts are kept and generation stops when the context is full",
-              file=sys.stderr)
+        warn(f"--max-new-tokens {settings.max_new_tokens} does not fit the context of "
+             f"{generator.model.config.n_positions}; prompts are kept and generation stops when the context is full")
     if args.serve:
         from gpt2kids.serve import WIDGET_PROMPT, serve
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gpt2kids.atomic_files import read_json_object
 from gpt2kids.cli import ArgumentParser, run_cli
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, warn
 from gpt2kids.hf import export, load_model, load_tokenizer
 from gpt2kids.tokenizer import tokenizer_files_in
 
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.out_dir} already exists and is not an empty folder; choose a new output folder")
     tokenizer = load_tokenizer(folder) if tokenizer_files_in(folder) else None
     if tokenizer is None:
-        print(f"warning: {folder} has no tokenizer files; the export holds weights and config only",
-              file=sys.stderr)
+        warn(f"{folder} has no tokenizer files; the export holds weights and config only")
     export(model, tokenizer, args.out_dir, generation=source_generation_settings(folder))
     print(f"wrote {args.out_dir}", file=sys.stderr)
     return 0

@@ -22,7 +22,7 @@ from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.config import GPT2Config
 from gpt2kids.data import read_stories
 from gpt2kids.device import PRECISIONS, Precision, choose_precision, resolve_device
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, warn
 from gpt2kids.hf import load_model, load_tokenizer, resolve
 from gpt2kids.loss import perplexity
 from gpt2kids.memory_saving import use_memory_saving_kernels
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         results.append(Result(label, loss, perplexity(loss), predictions, len(blocks)))
         if not math.isfinite(loss):
-            print(f"warning: the loss of {label} is not finite: its weights or its precision overflow; try "
-                  "--precision fp32", file=sys.stderr)
+            warn(f"the loss of {label} is not finite: its weights or its precision overflow; try --precision fp32")
         if args.format == "jsonl":  # JSON has no NaN or Infinity: a non-finite figure is null
             record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                       for key, value in asdict(results[-1]).items()}

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from gpt2kids.atomic_files import describe_os_error, replace_folder
 from gpt2kids.config import GPT2Config
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, warn
 from gpt2kids.model import GPT2, TIED_WEIGHT
 from gpt2kids.tokenizer import Tokenizer, tokenizer_files_in
 
@@ -302,13 +301,13 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     tokenizer = Tokenizer.from_path(folder, eos_id=eos_id)
     declared = tokenizer.special_tokens.get("eos_token")
     if eos_id is not None and tokenizer.eos_id != eos_id:
-        print(f"warning: the model's eos_token_id {eos_id} is not a token of the tokenizer in {folder}; "
-              f"using its end-of-text token {tokenizer.eos_token!r} (id {tokenizer.eos_id})", file=sys.stderr)
+        warn(f"the model's eos_token_id {eos_id} is not a token of the tokenizer in {folder}; "
+             f"using its end-of-text token {tokenizer.eos_token!r} (id {tokenizer.eos_id})")
     elif declared is not None and declared != tokenizer.eos_token:
         why = ("the model's eos_token_id, where transformers' generate stops" if eos_id is not None
                else "the tokenizer lacks it")
-        print(f"warning: {folder}: the tokenizer declares eos_token {declared!r} but ends text with "
-              f"{tokenizer.eos_token!r} (id {tokenizer.eos_id}): {why}", file=sys.stderr)
+        warn(f"{folder}: the tokenizer declares eos_token {declared!r} but ends text with "
+             f"{tokenizer.eos_token!r} (id {tokenizer.eos_id}): {why}")
     return tokenizer
 
 
