@@ -1,7 +1,7 @@
 """The decode loop behind `python generate.py`: prompts in, new tokens out, through a KV cache.
 
 Prompts are left-padded into one batch, prefilled in one forward, then continued one token per step;
-each sequence stops on its own at end-of-text.
+each sequence stops on its own at end-of-text (or at any other end id the model declares).
 """
 
 from __future__ import annotations
@@ -92,8 +92,11 @@ def next_token_scores(model: GPT2, input_ids: torch.Tensor, cache: KVCache, mask
 @torch.inference_mode()
 def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSettings, eos_id: int,
              generator: torch.Generator | None = None, on_tokens: StepCallback | None = None, *,
-             stop_at_eos: bool = True) -> list[list[int]]:
+             stop_at_eos: bool = True, more_end_ids: Sequence[int] = ()) -> list[list[int]]:
     """Continue each prompt; returns the new token ids of every output sequence, end-of-text left out.
+
+    A sequence ends at `eos_id` or at any of `more_end_ids` (a model whose generation_config.json lists
+    several, as transformers' `generate` stops at any of them); the end token is left out either way.
 
     Sequences come out in the order prompt0-seq0, prompt0-seq1, ..., prompt1-seq0, ... with
     `settings.num_return_sequences` per prompt. `on_tokens` is called after every step (see `StepCallback`),
@@ -116,6 +119,7 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
     cache = KVCache(config, len(rows), total_length, device, cache_dtype)
     processors = LogitsProcessors(settings, rows, config.vocab_size, device)
     decode_step = getattr(model, "compiled_decode_step", None)  # see gpt2kids.compiled_decoding
+    end_ids = torch.tensor(sorted({eos_id, *more_end_ids}), device=device)
 
     scores = next_token_scores(model, batch.input_ids, cache, *batch.prefill_inputs())
     outputs: list[list[int]] = [[] for _ in rows]
@@ -124,7 +128,7 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], settings: SamplingSe
         tokens = choose(processors(scores), settings.greedy, generator)
         if stop_at_eos:
             tokens = torch.where(finished, eos_id, tokens)  # finished rows are fed end-of-text; nothing is reported
-            finished |= tokens == eos_id
+            finished |= torch.isin(tokens, end_ids)
         reported = [None if done else token for token, done in zip(tokens.tolist(), finished.tolist(), strict=True)]
         for output, token in zip(outputs, reported, strict=True):
             if token is not None:

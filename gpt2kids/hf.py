@@ -274,8 +274,9 @@ def load_model(spec: str | Path, device: torch.device | str = "cpu", dtype: torc
     return model.to(device), folder
 
 
-def model_eos_id(folder: Path) -> int | None:
-    """The end id transformers' `generate` stops at: generation_config.json's, else config.json's."""
+def model_eos_ids(folder: Path) -> list[int]:
+    """The end ids transformers' `generate` stops at: generation_config.json's, else config.json's (a list
+    or one id); the first is the tokenizer's end-of-text token."""
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if not path.is_file():
@@ -285,11 +286,11 @@ def model_eos_id(folder: Path) -> int | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UserError(f"{path} is not valid JSON ({error}); re-export or re-download the model") from None
         value = settings.get("eos_token_id") if isinstance(settings, dict) else None
-        if isinstance(value, list):  # several end ids: gpt2kids stops at one, the first
-            value = value[0] if value else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+        ids = [i for i in (value if isinstance(value, list) else [value])
+               if isinstance(i, int) and not isinstance(i, bool)]
+        if ids:
+            return ids
+    return []
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
@@ -297,7 +298,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     if not tokenizer_files_in(folder):
         raise UserError(f"{folder} holds no tokenizer (tokenizer.json or vocab.json + merges.txt); copy the "
                         "model's tokenizer files into it (train.py can also take one with --tokenizer)")
-    eos_id = model_eos_id(folder)
+    eos_id = next(iter(model_eos_ids(folder)), None)
     tokenizer = Tokenizer.from_path(folder, eos_id=eos_id)
     declared = tokenizer.special_tokens.get("eos_token")
     if eos_id is not None and tokenizer.eos_id != eos_id:

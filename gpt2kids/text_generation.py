@@ -17,7 +17,7 @@ from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_i
 from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
 from gpt2kids.errors import warn as warn_on_stderr
-from gpt2kids.hf import load_model, load_tokenizer, resolve, run_export
+from gpt2kids.hf import load_model, load_tokenizer, model_eos_ids, resolve, run_export
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
 from gpt2kids.text_output import TextStream, write_jsonl
@@ -90,6 +90,7 @@ class StoryGenerator:
 
     model: GPT2
     tokenizer: Tokenizer
+    end_ids: tuple[int, ...] = ()  # the model's end ids beside the tokenizer's end-of-text (see decode)
 
     def __post_init__(self) -> None:
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
@@ -106,7 +107,7 @@ class StoryGenerator:
         dtype = weights_dtype_for_inference(precision, device, GPT2Config.from_json_file(folder / "config.json"))
         model, folder = load_model(folder, device, dtype)
         model = compile_decode_step(model) if compile_step else optimize_for_decoding(model)
-        return cls(model, load_tokenizer(folder))
+        return cls(model, load_tokenizer(folder), tuple(model_eos_ids(folder)))
 
     @property
     def description(self) -> str:
@@ -137,8 +138,10 @@ class StoryGenerator:
 
     def decode(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
                generator: torch.Generator | None = None, on_tokens: StepCallback | None = None) -> list[list[int]]:
-        """New token ids for each prompt (`settings.num_return_sequences` each, in order)."""
-        return generate(self.model, prompts, settings, self.tokenizer.eos_id, generator, on_tokens)
+        """New token ids for each prompt (`settings.num_return_sequences` each, in order); a sequence ends at
+        the tokenizer's end-of-text or at any end id the model's generation_config.json lists."""
+        return generate(self.model, prompts, settings, self.tokenizer.eos_id, generator, on_tokens,
+                        more_end_ids=self.end_ids)
 
     def write_stories(self, prompts: Sequence[str], settings: SamplingSettings, output_format: str,
                       seed: int | None) -> int:

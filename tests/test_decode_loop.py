@@ -89,6 +89,22 @@ def test_a_padded_batch_with_repetition_penalty_matches_transformers(pair):
     assert got[0] == alone
 
 
+def test_several_end_ids_stop_each_row_at_any_of_them_as_in_transformers(pair):
+    reference, ours = pair
+    prompts = torch.randint(0, EOS, (3, 7))
+    settings = SamplingSettings(max_new_tokens=20, greedy=True)
+    free = generate(ours, prompts.tolist(), settings, EOS, stop_at_eos=False)
+    other_end = free[0][5]  # a token row 0 produces: made a second end id, as a generation_config.json lists
+    with torch.no_grad():
+        expected = reference.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                      max_new_tokens=20, pad_token_id=EOS, eos_token_id=[EOS, other_end])
+    expected_new = [[t for t in row[:next((i for i, t in enumerate(row) if t in (EOS, other_end)), len(row))]]
+                    for row in expected[:, prompts.shape[1]:].tolist()]
+    assert len(expected_new[0]) <= 5  # row 0 stopped at the second end id
+    assert generate(ours, prompts.tolist(), settings, EOS, more_end_ids=[other_end]) == expected_new
+    assert generate(ours, prompts.tolist(), settings, EOS) != expected_new  # without it, row 0 goes on
+
+
 def test_seeded_sampling_matches_transformers(pair, monkeypatch):
     """With the same RNG stream and the same draw, the processors are those of transformers.
 

@@ -102,6 +102,24 @@ def test_greedy_cli_gives_the_tokens_of_transformers_in_fp32(model_folder):
     assert record["new_tokens"] == len(new)
 
 
+def test_generation_stops_at_every_end_id_its_generation_config_lists(model_folder, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(model_folder, tmp_path / "model")
+    prompt = "Pada suatu hari"
+    tokenizer = Tokenizer.from_path(folder)
+    tokens, _ = transformers_greedy(folder, tokenizer.encode(prompt), torch.float32, 20)
+    stop = next(i for i, token in enumerate(tokens) if i >= 1 and tokens.index(token) == i)
+    settings = json.loads((folder / "generation_config.json").read_text())
+    settings["eos_token_id"] = [tokenizer.eos_id, tokens[stop]]  # a second end id, at the token's first place
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    [record] = jsonl(run(prompt, "--model", str(folder), "--greedy", "--format", "jsonl", "--max-new-tokens", "20",
+                         "--precision", "fp32"))
+    assert tokenizer.eos_id not in tokens[:stop]
+    assert record["new_tokens"] == stop
+    assert record["completion"] == tokenizer.decode(tokens[:stop])
+
+
 # bf16 logits: both sides round every matmul's operands and result to 8 significant bits and add in
 # their own orders; a few roundings of 2**-8 relative to the logits' scale.
 BF16_LOGIT_TOLERANCE = 4 * 2.0 ** -8

@@ -154,18 +154,24 @@ def test_an_export_names_the_tokenizers_end_id_and_the_models_context(tmp_path, 
     assert saved["tokenizer_config"]["model_max_length"] == 64  # the context, not GPT-2's 1024
 
 
-def test_the_models_end_id_is_generation_configs_else_config_jsons_first(tmp_path):
-    from gpt2kids.hf import model_eos_id
+def test_the_models_end_ids_are_generation_configs_else_config_jsons(tmp_path):
+    from gpt2kids.hf import model_eos_ids
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": 5}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 6}))
-    assert model_eos_id(tmp_path) == 6  # what transformers' generate stops at
+    assert model_eos_ids(tmp_path) == [6]  # what transformers' generate stops at
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
-    assert model_eos_id(tmp_path) == 7  # several end ids: gpt2kids stops at one, the first
+    assert model_eos_ids(tmp_path) == [7, 9]  # several end ids: generation stops at any of them
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert model_eos_ids(tmp_path) == [5]
     (tmp_path / "generation_config.json").unlink()
-    assert model_eos_id(tmp_path) == 5
+    assert model_eos_ids(tmp_path) == [5]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": [8, 9]}))
-    assert model_eos_id(tmp_path) == 8
+    assert model_eos_ids(tmp_path) == [8, 9]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": [True, 4]}))
+    assert model_eos_ids(tmp_path) == [4]  # a JSON true is no token id
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert model_eos_ids(tmp_path) == []
 
 
 def test_pipeline_runs_on_an_export(tmp_path, tokenizer):

@@ -332,7 +332,7 @@ def test_stream_grows_and_never_shows_half_a_character(monkeypatch, byte_tokeniz
     story = " Roket 🚀 terbang ke Mars"
     ids = byte_tokenizer.encode(story)
 
-    def fake_generate(model, prompts, settings, eos_id, generator=None, on_tokens=None):
+    def fake_generate(model, prompts, settings, eos_id, generator=None, on_tokens=None, **options):
         for token in ids:  # one byte a step, so the rocket arrives in four pieces
             on_tokens([token])
             time.sleep(0.002)
@@ -349,7 +349,7 @@ def test_stream_grows_and_never_shows_half_a_character(monkeypatch, byte_tokeniz
 def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_model):
     steps, ran_out = [], []
 
-    def endless_generate(model, prompts, settings, eos_id, generator=None, on_tokens=None):
+    def endless_generate(model, prompts, settings, eos_id, generator=None, on_tokens=None, **options):
         deadline = time.monotonic() + 10  # a worker the stream fails to stop fails the test, not hangs it
         while time.monotonic() < deadline:
             steps.append(1)
