@@ -9,7 +9,8 @@ what is kept for the backward:
 - `TiedEmbedding`: on CPU, the token embedding's weight gradient added into the tied LM head's.
 
 Without gradients (evaluation, sampling) and under torch.compile the modules compute through the
-plain PyTorch calls, so the compiler sees the textbook graph.
+plain PyTorch calls, so the compiler sees the textbook graph; the chunked loss runs as written (see
+`linear_cross_entropy`).
 """
 
 from __future__ import annotations
