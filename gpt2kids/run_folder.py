@@ -1,6 +1,6 @@
 """The run folder (runs/NAME/: train_config.json, TensorBoard events, checkpoint/, best/, final/).
 
-A new run refuses an `--out` that already holds a run; `--resume` takes the run's settings from its
+A new run refuses an `--out` that already holds a run, or folders of the names it writes; `--resume` takes the run's settings from its
 train_config.json, all but those of the invocation (`SESSION_FIELDS`, like `--max-steps`).
 """
 
@@ -56,6 +56,11 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
         config = restored
     elif has_run:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    elif taken := [f"{name}/" if (out / name).is_dir() else name
+                   for name in (*RUN_EXPORTS, checkpoint.CHECKPOINT, checkpoint.PREVIOUS, checkpoint.DAMAGED)
+                   if (out / name).exists()]:  # a folder of the user's that the run would replace with its own
+        raise UserError(f"{out} holds {' and '.join(taken)} but no run (no {TRAIN_CONFIG}), and a new run would "
+                        "replace them; choose another --out, or move them away")
     if dist.is_main:
         atomic_files.check_writable(out)
         if out.is_dir():  # what a killed run may have left half-done

@@ -132,6 +132,14 @@ def test_out_already_holding_a_run_is_not_overwritten(capsys, tmp_path, base):
     fails_cleanly(capsys, tmp_path, base, "already holds a run; pass --resume")
 
 
+@pytest.mark.parametrize("name", ["best", "final", "checkpoint-damaged"])
+def test_out_holding_a_folder_of_a_name_the_run_writes_is_not_overwritten(capsys, tmp_path, base, name):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    (tmp_path / "run" / name / "thesis.txt").write_text("mine")  # not a run's: no train_config.json beside it
+    fails_cleanly(capsys, tmp_path, base, f"run holds {name}/ but no run (no train_config.json)")
+    assert (tmp_path / "run" / name / "thesis.txt").read_text() == "mine"
+
+
 def test_resume_with_nothing_to_resume(capsys, tmp_path, base):
     without_out = base[:base.index("--out")]
     fails_cleanly(capsys, tmp_path, [*without_out, "--resume"], "--resume needs --out RUN_FOLDER, the run to continue")
