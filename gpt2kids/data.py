@@ -80,9 +80,9 @@ def jsonl_field(text: str, field: str, source: str | Path) -> list[str]:
     return values
 
 
-def read_stories(path: str | Path) -> list[str]:
+def read_stories(path: str | Path, flag: str = "--data") -> list[str]:
     """Stories from a folder of .txt files (one story each), a .txt of blank-line-separated stories,
-    or a .jsonl with a `text` field. Whitespace is trimmed and empty stories dropped."""
+    or a .jsonl with a `text` field. Whitespace is trimmed and empty stories dropped; errors name `flag`."""
     path = Path(path)
     if path.is_dir():
         # Stories are the .txt files; hidden folders (.git, ...) and other files (a README.md) are not.
@@ -109,10 +109,11 @@ def read_stories(path: str | Path) -> list[str]:
         text = _read_text_file(path)
         stories = jsonl_field(text, "text", path) if path.suffix.lower() == ".jsonl" else BLANK_LINES.split(text)
     else:
-        raise UserError(f"--data {path} does not exist; pass a folder of .txt stories, a .txt or a .jsonl")
+        problem = "is not a file or a folder" if path.exists() else "does not exist"  # /dev/null, a socket
+        raise UserError(f"{flag} {path} {problem}; pass a folder of .txt stories, a .txt or a .jsonl")
     stories = [story for story in map(str.strip, stories) if story]
     if not stories:
-        raise UserError(f"--data {path} holds no stories (no non-empty UTF-8 text); check the path")
+        raise UserError(f"{flag} {path} holds no stories (no non-empty UTF-8 text); check the path")
     return stories
 
 
@@ -264,7 +265,7 @@ def load_split(data: str | Path, eval_data: str | Path | None, eval_fraction: fl
     """(train stories, held-out stories): an explicit --eval-data, else a seeded story-level split."""
     stories = read_stories(data)
     if eval_data is not None:
-        train, held_out = stories, read_stories(eval_data)
+        train, held_out = stories, read_stories(eval_data, "--eval-data")
     else:
         train, held_out = split_stories(stories, eval_fraction, seed)
     trained_on = set(train)

@@ -148,7 +148,8 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         unpickling = isinstance(error, pickle.UnpicklingError)
-        refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+        # torch words it "Unsupported global: ..." or, for a module it blocks (os, posix), "unsupported GLOBAL".
+        refused = [line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()]
         if unpickling and refused:
             raise UserError(f"{path} is not a plain weights file: it asks to run code when unpickled, which "
                             f"gpt2kids refuses ({refused[0]}); convert it to safetensors in a trusted place") from None

@@ -1,7 +1,8 @@
 """The run folder (runs/NAME/: train_config.json, TensorBoard events, checkpoint/, best/, final/).
 
-A new run refuses an `--out` that already holds a run, or folders of the names it writes; `--resume` takes the run's settings from its
-train_config.json, all but those of the invocation (`SESSION_FIELDS`, like `--max-steps`).
+A new run refuses an `--out` that already holds a run, or folders of the names it writes; `--resume`
+takes the run's settings from its train_config.json, all but those of the invocation (`SESSION_FIELDS`,
+like `--max-steps`).
 """
 
 from __future__ import annotations

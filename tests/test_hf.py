@@ -335,11 +335,22 @@ def test_a_bin_that_is_not_a_pickle_is_called_damaged_not_dangerous(tmp_path, re
         load_model(tmp_path)
 
 
-def test_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, reference):
+class RunsShellCode:
+    """Unpickling calls os.system: a module torch's weights-only unpickler blocks by name, worded otherwise."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("payload", [RunsCode, RunsShellCode])
+def test_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, reference, payload):
     write_config(tmp_path, reference)
     marker = tmp_path / "code-ran"
     state = dict(reference.state_dict())
-    state["payload"] = RunsCode(marker)
+    state["payload"] = payload(marker)
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match="asks to run code"):
         load_model(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,7 +100,12 @@ def test_bad_data(capsys, tmp_path, init_folder):
     def argv(data: Path) -> list[str]:
         return ["--data", str(data), "--init", str(init_folder), "--out", str(tmp_path / "run"), "--device", "cpu"]
 
-    fails_cleanly(capsys, tmp_path, argv(tmp_path / "missing"), "does not exist")
+    fails_cleanly(capsys, tmp_path, argv(tmp_path / "missing"), f"--data {tmp_path / 'missing'} does not exist")
+    fails_cleanly(capsys, tmp_path, argv(Path(os.devnull)), f"--data {os.devnull} is not a file or a folder")
+    (tmp_path / "stories.txt").write_text("Satu.\n\nDua.\n")
+    fails_cleanly(capsys, tmp_path, [*argv(tmp_path / "stories.txt"), "--eval-data", str(tmp_path / "missing")],
+                  f"--eval-data {tmp_path / 'missing'} does not exist")  # named as the flag it came from
+    (tmp_path / "stories.txt").unlink()
     (tmp_path / "empty").mkdir()
     fails_cleanly(capsys, tmp_path, argv(tmp_path / "empty"), "holds no stories")
     (tmp_path / "binary").mkdir()
