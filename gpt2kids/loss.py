@@ -120,8 +120,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-# Run as written under torch.compile: traced, its chunk loops unroll into a graph of hundreds of nodes (GPT-2
-# Small's compile took three times as long) for nothing gained, as its products are plain matmuls already.
+# Run as written under torch.compile: traced, its chunk loops unroll into a graph of hundreds of nodes (a far
+# longer compile, see bench/README.md) for nothing gained, as its products are plain matmuls already.
 @torch.compiler.disable
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_tokens: int | None = None, weight_gradient_to: list[torch.Tensor] | None = None
