@@ -125,7 +125,7 @@ def main(argv: Sequence[str]) -> int:
     if args.serve:
         from gpt2kids.serve import WIDGET_PROMPT, serve
 
-        serve(generator.model, generator.tokenizer, args.host, args.port, model_name=spec,
+        serve(generator, args.host, args.port, model_name=spec,
               prompt=prompts[0] if prompts else WIDGET_PROMPT, defaults=settings, seed=args.seed)
     elif args.interactive:
         generator.interact(settings, args.format, args.seed)

@@ -24,11 +24,9 @@ from typing import TYPE_CHECKING
 from gpt2kids.errors import UserError
 from gpt2kids.errors import warn as warn_on_stderr
 from gpt2kids.logits_processors import SamplingSettings
-from gpt2kids.model import GPT2
 from gpt2kids.model_card import WIDGET_PROMPT  # the published card's widget prompt
 from gpt2kids.text_generation import StoryGenerator
 from gpt2kids.text_output import whole_characters
-from gpt2kids.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import gradio
@@ -60,8 +58,8 @@ class _Cancelled(Exception):
     """Raised inside the decode loop's callback when nobody reads the story any more."""
 
 
-def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: SamplingSettings,
-                 seed: int | None = None, warn: Callable[[str], None] = warn_on_stderr) -> Iterator[str]:
+def stream_story(story: StoryGenerator, prompt: str, settings: SamplingSettings, seed: int | None = None,
+                 warn: Callable[[str], None] = warn_on_stderr) -> Iterator[str]:
     """Yield the prompt and its continuation so far as tokens are decoded; the last one is final.
 
     Bad settings or prompts raise `UserError`. Only the final text may end in half a UTF-8 character.
@@ -69,7 +67,6 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
     """
     settings = replace(settings, num_return_sequences=1)
     settings.validate()
-    story = StoryGenerator(model, tokenizer)
     ids = story.encode([prompt], settings.max_new_tokens, warn)
     generator = story.random_numbers(seed)  # a bad seed is refused here, before the worker starts
     updates: queue.Queue[object] = queue.Queue()
@@ -107,7 +104,7 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
                 done = done or item is _DONE
                 if isinstance(item, int):
                     tokens.append(item)
-            text = whole_characters(tokenizer, tokens, final=done)
+            text = whole_characters(story.tokenizer, tokens, final=done)
             if text is not None and text != shown:
                 shown = text
                 yield prompt + text
@@ -116,15 +113,29 @@ def stream_story(model: GPT2, tokenizer: Tokenizer, prompt: str, settings: Sampl
         worker.join()
 
 
+# The command line's flags that are settings on the page; others (--precision) stay flags of the server.
+PAGE_SETTINGS = ("max-new-tokens", "temperature", "top-k", "top-p", "repetition-penalty", "no-repeat-ngram-size",
+                 "greedy", "seed")
+
+
 def _for_the_page(message: str) -> str:
     """A `UserError` line with the CLI's flag names turned into the page's setting names."""
-    return re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda flag: f'"{flag.group(1).replace("-", " ")}"', message)
+    return re.sub(r"--(" + "|".join(PAGE_SETTINGS) + r")\b", lambda flag: f'"{flag.group(1).replace("-", " ")}"',
+                  message)
 
 
-def _whole(value: float, name: str) -> int:
-    if not math.isfinite(value) or value != int(value):
+def _number(value: object, name: str) -> float:
+    """A setting as a client sent it (the page's sliders keep to their ranges; a script's values need not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _whole(value: object, name: str) -> int:
+    number = _number(value, name)
+    if number != int(number):
         raise UserError(f"{name} must be a whole number, got {value}")
-    return int(value)
+    return int(number)
 
 
 def _seed(text: str | None) -> int | None:
@@ -141,7 +152,7 @@ def _seed(text: str | None) -> int | None:
                         f"got {text.strip()!r}") from None
 
 
-def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt: str = WIDGET_PROMPT,
+def build_app(story: StoryGenerator, *, model_name: str = "", prompt: str = WIDGET_PROMPT,
               defaults: SamplingSettings | None = None, seed: int | None = None) -> gradio.Blocks:
     """The page: a prompt box, the sampling settings (starting at `defaults` and `seed`), the story as it grows.
 
@@ -149,42 +160,51 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
     """
     gr = require_gradio()
     defaults = defaults or SamplingSettings()
-    context = model.config.n_positions
+    context = story.model.config.n_positions
 
     def tell(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float,
              repetition_penalty: float, no_repeat_ngram_size: float, greedy: bool,
              seed: str | None) -> Iterator[str]:
         try:
             settings = SamplingSettings(
-                max_new_tokens=_whole(max_new_tokens, "max new tokens"), temperature=float(temperature),
-                top_k=_whole(top_k, "top-k"), top_p=float(top_p), repetition_penalty=float(repetition_penalty),
-                no_repeat_ngram_size=_whole(no_repeat_ngram_size, "no repeat n-gram size"), greedy=bool(greedy))
-            yield from stream_story(model, tokenizer, prompt, settings, _seed(seed),
+                max_new_tokens=_whole(max_new_tokens, '"max new tokens"'),
+                temperature=_number(temperature, '"temperature"'), top_k=_whole(top_k, '"top k"'),
+                top_p=_number(top_p, '"top p"'), repetition_penalty=_number(repetition_penalty, '"repetition penalty"'),
+                no_repeat_ngram_size=_whole(no_repeat_ngram_size, '"no repeat ngram size"'), greedy=bool(greedy))
+            yield from stream_story(story, prompt, settings, _seed(seed),
                                     warn=lambda message: gr.Warning(_for_the_page(message)))
         except UserError as error:
             raise gr.Error(_for_the_page(str(error)), print_exception=False) from None
 
     def slider(low: float, high: float, value: float, step: float, name: str, note: str = "") -> gradio.Slider:
         # The range widens to take a start value given on the command line.
-        return gr.Slider(min(low, value), max(high, value), value=value, step=step, label=name + note,
-                         elem_id=name.replace(" ", "-"))
+        component = gr.Slider(min(low, value), max(high, value), value=value, step=step, label=name + note,
+                              elem_id=name.replace(" ", "-"))
+        # Values reach `tell` as sent, which checks them all: gradio's own range check names no setting and
+        # prints a traceback on the server for every script that sends a value out of range. (On the instance:
+        # a subclass of a gradio component makes gradio write a .pyi file beside this module.)
+        component.preprocess = lambda payload: payload
+        return component
 
     name = model_name or "a GPT-2 model"
     with gr.Blocks(title="gpt2kids: a story", analytics_enabled=False) as app:
         gr.Markdown(f"## gpt2kids\nContinue a children's story with {name} "
-                    f"({model.config.n_layer} layers, a context of {context} tokens).")
+                    f"({story.model.config.n_layer} layers, a context of {context} tokens).")
         with gr.Row():
             with gr.Column():
                 prompt_box = gr.Textbox(value=prompt, label="Prompt", lines=3,
                                         placeholder="Leave it empty to start a new story", elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Settings", open=True):
-                    max_new_tokens = slider(1, context, min(defaults.max_new_tokens, context), 1, "max new tokens")
-                    greedy = gr.Checkbox(value=defaults.greedy, label="greedy (argmax: same prompt, same story)",
-                                         elem_id="greedy")
-                    temperature = slider(0, 2, defaults.temperature, 0.05, "temperature")
+                    # Up to the context (a prompt keeps its last tokens to make room), or the command line's
+                    # larger value (the prompt is kept and the story stops when the context is full).
+                    max_new_tokens = slider(1, context, defaults.max_new_tokens, 1, "max new tokens")
+                    greedy = gr.Checkbox(value=defaults.greedy, label="greedy (argmax: same prompt, same story; "
+                                         "temperature, top-k and top-p do nothing)", elem_id="greedy")
+                    # From one step above 0: neither takes 0.
+                    temperature = slider(0.05, 2, defaults.temperature, 0.05, "temperature")
                     top_k = slider(0, 200, defaults.top_k, 1, "top-k", " (0: off)")
-                    top_p = slider(0, 1, defaults.top_p, 0.01, "top-p", " (1: off)")
+                    top_p = slider(0.01, 1, defaults.top_p, 0.01, "top-p", " (1: off)")
                     repetition_penalty = slider(0.5, 2, defaults.repetition_penalty, 0.05, "repetition penalty",
                                                 " (1: off)")
                     no_repeat = slider(0, 10, defaults.no_repeat_ngram_size, 1, "no repeat n-gram size", " (0: off)")
@@ -192,11 +212,11 @@ def build_app(model: GPT2, tokenizer: Tokenizer, *, model_name: str = "", prompt
                     seed_box = gr.Textbox(value="" if seed is None else str(seed), label="seed", max_lines=1,
                                           placeholder="empty: a different story each time", elem_id="seed")
             with gr.Column():
-                story = gr.Textbox(label="Story", lines=16, max_lines=40, interactive=False, buttons=["copy"],
+                story_box = gr.Textbox(label="Story", lines=16, max_lines=40, interactive=False, buttons=["copy"],
                                    elem_id="story")
         button.click(tell, inputs=[prompt_box, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    no_repeat, greedy, seed_box],
-                     outputs=story, api_name=API_NAME, concurrency_limit=1)  # others wait in the queue
+                     outputs=story_box, api_name=API_NAME, concurrency_limit=1)  # others wait in the queue
     return app
 
 
@@ -217,10 +237,10 @@ def check_address(host: str, port: int) -> None:
         raise _cannot_serve(host, port) from None
 
 
-def serve(model: GPT2, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 7860, **page: object) -> None:
-    """Serve `build_app(model, tokenizer, **page)` on http://host:port until Ctrl-C."""
+def serve(story: StoryGenerator, host: str = "127.0.0.1", port: int = 7860, **page: object) -> None:
+    """Serve `build_app(story, **page)` on http://host:port until Ctrl-C."""
     check_address(host, port)
-    app = build_app(model, tokenizer, **page)
+    app = build_app(story, **page)
     try:
         # Nothing leaves this machine: no share link, no server-side rendering (a Node process),
         # no browser opened; quiet, because stdout is for generated text only.

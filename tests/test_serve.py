@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,7 +31,8 @@ from gpt2kids.errors import UserError
 from gpt2kids.hf import export, load_model
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
-from gpt2kids.serve import MISSING_GRADIO, WIDGET_PROMPT, serve, stream_story
+from gpt2kids.serve import MISSING_GRADIO, WIDGET_PROMPT, build_app, serve, stream_story
+from gpt2kids.text_generation import StoryGenerator
 
 sys.path.insert(0, str(REPO))
 import generate as generate_cli
@@ -108,12 +110,18 @@ def cli_greedy(story_model) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(story_model, tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    """Where the server's stderr goes."""
+    return tmp_path_factory.mktemp("server") / "stderr.txt"
+
+
+@pytest.fixture(scope="module")
+def server(story_model, server_log) -> Iterator[str]:
     """`generate.py --serve` in a subprocess; its URL once it answers. Always stopped afterwards."""
     need("gradio")
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+    log = server_log
     with log.open("w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "generate.py", "--serve", "--model", str(story_model), "--port", str(port),
@@ -213,14 +221,31 @@ def test_page_streams_the_greedy_story_of_the_cli(cli_greedy, server, browser):
 def test_bad_settings_show_an_error_in_the_page(server, browser):
     page = open_page(browser, server)
     try:
-        page.fill("#temperature input[type=number]", "0")  # greedy is off
+        page.fill("#seed input, #seed textarea", "abc")
         page.click("#generate")
-        error = page.get_by_text('"temperature" must be a finite number above 0')
+        error = page.get_by_text("seed must be a whole number")
         error.first.wait_for(state="visible", timeout=60_000)
-        assert "greedy" in error.first.inner_text()
+        assert "'abc'" in error.first.inner_text()
         assert page.input_value("#story textarea") == ""
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("sent, words", [
+    ({"top_k": -5}, '"top k" must be'),  # out of the page's range: the page's own check, naming the setting
+    ({"top_p": 1.5}, '"top p" must be in (0, 1]'),
+    ({"temperature": 0}, '"temperature" must be a finite number above 0'),
+    ({"max_new_tokens": None}, '"max new tokens" must be a number, got None'),
+])
+def test_a_script_sending_bad_settings_gets_the_pages_error_and_the_server_stays_quiet(server, server_log, sent,
+                                                                                    words):
+    need("gradio_client")
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match=re.escape(words)):
+        client.predict(prompt=PROMPT, **{"max_new_tokens": 5, **sent}, api_name="/generate")
+    assert "Traceback" not in server_log.read_text()
 
 
 def test_api_matches_the_cli_and_users_wait_their_turn(cli_greedy, server):
@@ -280,7 +305,7 @@ def test_a_taken_port_is_one_line(monkeypatch, tokenizer, story_model):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}: the port is in use") as error:
-            serve(model.eval(), tokenizer, "127.0.0.1", port)
+            serve(StoryGenerator(model.eval(), tokenizer), "127.0.0.1", port)
     assert "--port" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -309,7 +334,7 @@ def test_an_address_not_of_this_machine_is_one_line_at_once(capfd, tokenizer, st
     model, _ = load_model(story_model)
     start = time.monotonic()
     with pytest.raises(UserError, match="cannot serve on 192.0.2.1:7861: .* not one of this machine's"):
-        serve(model.eval(), tokenizer, "192.0.2.1", 7861)  # TEST-NET-1: never a local address
+        serve(StoryGenerator(model.eval(), tokenizer), "192.0.2.1", 7861)  # TEST-NET-1: never a local address
     assert time.monotonic() - start < 5
     assert capfd.readouterr().err == ""  # no line of the web server's own
 
@@ -340,7 +365,7 @@ def test_stream_grows_and_never_shows_half_a_character(monkeypatch, byte_tokeniz
         return [ids]
 
     monkeypatch.setattr("gpt2kids.text_generation.generate", fake_generate)
-    shown = list(stream_story(small_model, byte_tokenizer, "Archie:", SamplingSettings(greedy=True)))
+    shown = list(stream_story(StoryGenerator(small_model, byte_tokenizer), "Archie:", SamplingSettings(greedy=True)))
     assert shown[-1] == "Archie:" + story
     assert all("\ufffd" not in text and shown[-1].startswith(text) for text in shown)
     assert len(shown) >= 2 and len(set(shown)) == len(shown)
@@ -358,7 +383,7 @@ def test_closing_the_stream_stops_the_decode(monkeypatch, byte_tokenizer, small_
         ran_out.append(True)
 
     monkeypatch.setattr("gpt2kids.text_generation.generate", endless_generate)
-    stream = stream_story(small_model, byte_tokenizer, "", SamplingSettings(greedy=True))
+    stream = stream_story(StoryGenerator(small_model, byte_tokenizer), "", SamplingSettings(greedy=True))
     next(stream)
     stream.close()  # what gradio does when the page goes away
     taken = len(steps)
@@ -371,7 +396,7 @@ def test_real_decode_streams_the_greedy_tokens(byte_tokenizer, small_model):
     from gpt2kids.decode_loop import generate
 
     settings = SamplingSettings(max_new_tokens=12, greedy=True)
-    shown = list(stream_story(small_model, byte_tokenizer, "Budi", settings))
+    shown = list(stream_story(StoryGenerator(small_model, byte_tokenizer), "Budi", settings))
     new = generate(small_model, [byte_tokenizer.encode("Budi")], settings, byte_tokenizer.eos_id)[0]
     assert shown[-1] == "Budi" + byte_tokenizer.decode(new)
 
@@ -379,7 +404,7 @@ def test_real_decode_streams_the_greedy_tokens(byte_tokenizer, small_model):
 def test_a_prompt_too_long_for_the_context_keeps_its_end_with_a_warning(byte_tokenizer, small_model):
     warnings: list[str] = []
     settings = SamplingSettings(max_new_tokens=4, greedy=True)
-    shown = list(stream_story(small_model, byte_tokenizer, "x" * 100, settings, warn=warnings.append))
+    shown = list(stream_story(StoryGenerator(small_model, byte_tokenizer), "x" * 100, settings, warn=warnings.append))
     assert warnings == ["prompt 1 has 100 tokens; with --max-new-tokens 4 and a context of 64 only its last 61 "
                         "are used"]
     assert shown[-1].startswith("x" * 100)
@@ -393,4 +418,55 @@ def test_a_prompt_too_long_for_the_context_keeps_its_end_with_a_warning(byte_tok
 ])
 def test_bad_settings_are_user_errors(byte_tokenizer, small_model, settings, seed, words):
     with pytest.raises(UserError, match=words):
-        next(stream_story(small_model, byte_tokenizer, "Halo", settings, seed))
+        next(stream_story(StoryGenerator(small_model, byte_tokenizer), "Halo", settings, seed))
+
+
+def test_the_page_stops_at_every_end_id_of_the_model(byte_tokenizer, small_model):
+    from gpt2kids.decode_loop import generate
+
+    settings = SamplingSettings(max_new_tokens=12, greedy=True, no_repeat_ngram_size=1)  # no token twice
+    new = generate(small_model, [byte_tokenizer.encode("Budi")], settings, byte_tokenizer.eos_id)[0]
+    assert len(new) == 12
+    stop = 3
+    story = StoryGenerator(small_model, byte_tokenizer, (new[stop],))  # as loaded from a generation_config list
+    assert list(stream_story(story, "Budi", settings))[-1] == "Budi" + byte_tokenizer.decode(new[:stop])
+
+
+def test_generate_py_serves_the_model_with_its_end_ids(monkeypatch, model_folder, tmp_path):
+    import shutil
+
+    import gpt2kids.serve
+
+    need("gradio")
+    folder = shutil.copytree(model_folder, tmp_path / "model")
+    settings = json.loads((folder / "generation_config.json").read_text())
+    settings["eos_token_id"] = [settings["eos_token_id"], 7]
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    served = []
+    monkeypatch.setattr(gpt2kids.serve, "check_address", lambda host, port: None)
+    monkeypatch.setattr(gpt2kids.serve, "serve", lambda story, *args, **page: served.append(story))
+    assert generate_cli.main(["--serve", "--model", str(folder), "--precision", "fp32"]) == 0
+    assert served[0].end_ids == (settings["eos_token_id"][0], 7)
+
+
+def test_the_sliders_start_at_the_command_lines_values_and_offer_no_value_always_refused(byte_tokenizer,
+                                                                                        small_model):
+    need("gradio")
+    story = StoryGenerator(small_model, byte_tokenizer)
+    app = build_app(story, defaults=SamplingSettings(max_new_tokens=1000))  # beyond the context of 64
+    sliders = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    # Past the context the prompt is kept (as on the command line); up to it, cut to make room.
+    assert (sliders["max-new-tokens"].value, sliders["max-new-tokens"].maximum) == (1000, 1000)
+    assert sliders["temperature"].minimum > 0 and sliders["top-p"].minimum > 0
+    assert sliders["top-k"].minimum == 0  # 0 is top-k off
+    import gpt2kids.serve
+
+    assert not Path(gpt2kids.serve.__file__).with_suffix(".pyi").exists()  # gradio writes one for a subclass
+
+
+def test_the_page_names_its_settings_and_leaves_the_servers_flags_as_flags():
+    from gpt2kids.serve import _for_the_page
+
+    assert _for_the_page("--top-k must be >= 0; or --greedy") == '"top k" must be >= 0; or "greedy"'
+    assert _for_the_page("overflow in this precision; try --precision fp32") == (
+        "overflow in this precision; try --precision fp32")
