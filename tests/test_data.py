@@ -272,3 +272,11 @@ def test_a_folder_linked_into_the_data_folder_is_read_once_even_in_a_loop(tmp_pa
     (stories / "linked").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "back").symlink_to(stories, target_is_directory=True)  # a loop: stories/linked/back/linked/...
     assert data.read_stories(stories) == ["Isi A.", "Isi B."]
+
+
+@pytest.mark.parametrize("count, held_out", [(25, 2), (35, 4), (15, 2), (5, 1), (2, 1)])
+def test_the_held_out_count_is_rounded_to_the_nearest_halves_to_even_at_least_one_each_side(count, held_out):
+    stories = [f"Cerita {n}." for n in range(count)]
+    train, evaluation = data.split_stories(stories, 0.1, seed=42)
+    assert (len(train), len(evaluation)) == (count - held_out, held_out)
+    assert len(data.split_stories(stories[:2], 0.9, seed=42)[0]) == 1  # never all held out
