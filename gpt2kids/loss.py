@@ -18,10 +18,11 @@ from gpt2kids.model import IGNORE_INDEX
 
 # Elements of fp32 logits per chunk (2**25 is 128 MB): big enough for efficient matmuls.
 CHUNK_ELEMENTS = 1 << 25
-# Rows of the head's weight gradient accumulated at a time (see the end of the chunk loop).
+# On CPU, where memory is tight and every temporary is page-faulted in: rows of the head's weight gradient
+# accumulated at a time (see the end of the chunk loop), and logits per block of rows that the softmax and
+# its gradient run on in fp32 (2**21 is 8 MB: the fp32 copy of the products, logsumexp's temporaries).
+# On a GPU every block is a few kernel launches (a 41-row block would make thousands a step): whole chunks.
 ACCUMULATE_ROWS = 4096
-# Logits per block of rows that the softmax and its gradient run on in fp32 (2**21 is 8 MB): the size of
-# the fp32 copy of the chunk's products and of logsumexp's temporaries.
 SOFTMAX_ELEMENTS = 1 << 21
 
 
@@ -54,11 +55,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # in anew (glibc returns blocks this big to the OS when they are freed).
         scores = torch.empty(min(chunk_tokens, rows), vocab, dtype=dtype, device=h.device)  # matmul outputs
         fp32_compute = dtype == torch.float32
-        softmax_rows = max(1, SOFTMAX_ELEMENTS // vocab)
+        on_cpu = h.device.type == "cpu"
+        softmax_rows = max(1, SOFTMAX_ELEMENTS // vocab) if on_cpu else len(scores)
+        accumulate_rows = ACCUMULATE_ROWS if on_cpu else vocab
         if not fp32_compute:
             logits_block = torch.empty(min(softmax_rows, len(scores)), vocab, dtype=torch.float32, device=h.device)
         if want_grad_w and not fp32_compute:  # for grad_w's accumulation by blocks of rows, below
-            block = torch.empty(min(ACCUMULATE_ROWS, vocab), w.shape[1], dtype=dtype, device=h.device)
+            block = torch.empty(min(accumulate_rows, vocab), w.shape[1], dtype=dtype, device=h.device)
             block_fp32 = torch.empty(block.shape, dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):  # every operand is in `dtype` already
             for start in range(0, rows, chunk_tokens):
@@ -93,8 +96,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # grad_w += grad_logits.T @ h_chunk, a block of rows at a time through two small buffers:
                     # whole, the product (compute dtype) and the fp32 copy `+=` makes of it would be two more
                     # (V, C) temporaries.
-                    for first in range(0, vocab, ACCUMULATE_ROWS):
-                        last = min(first + ACCUMULATE_ROWS, vocab)
+                    for first in range(0, vocab, accumulate_rows):
+                        last = min(first + accumulate_rows, vocab)
                         product = torch.mm(grad_logits[:, first:last].t(), h_chunk, out=block[: last - first])
                         grad_w[first:last] += block_fp32[: last - first].copy_(product)
         # Held as attributes, not saved tensors, so that backward can hand them on as its own results.

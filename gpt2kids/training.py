@@ -600,12 +600,15 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         # Random ops (dropout) drawn as eager PyTorch draws them, from the checkpointed generator:
         # inductor's own RNG would not replay exactly after --resume.
         torch._inductor.config.fallback_random = True
-        # Inductor's CPU kernels add into the embedding's gradient with atomics, in whatever order the
-        # threads arrive: two identical compiled runs would differ in the last bits. Deterministic
-        # algorithms make it lower that sum to the ordered kernel; warn_only keeps ops without a
-        # deterministic version running, and uninitialised memory is not filled (no cost).
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        if device.type == "cpu":
+            # Inductor's CPU kernels add into the embedding's gradient with atomics, in whatever order the
+            # threads arrive: two identical compiled runs would differ in the last bits. Deterministic
+            # algorithms make it lower that sum to the ordered kernel; warn_only keeps ops without a
+            # deterministic version running, and uninitialised memory is not filled (no cost). Not on a
+            # GPU: there it would move other kernels to slower deterministic versions and warn about
+            # cuBLAS's workspace setting, for an exactness no GPU run has checked.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = False
         model.compile()  # in place: the module (and its state dict's names) stay the same
     forward: nn.Module = model
     if dist.enabled:

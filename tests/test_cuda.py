@@ -151,3 +151,44 @@ def test_compiled_decode_step_on_cuda_gives_the_eager_logits_and_greedy_tokens()
     with torch.compiler.set_stance("fail_on_recompile"):  # one prompt runs the graph compiled at load
         tokens = generate(compiled, [[3, 4, 5]], settings, eos, stop_at_eos=False)
     assert tokens == generate(plain, [[3, 4, 5]], settings, eos, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("autocast", [False, pytest.param(True, marks=pytest.mark.skipif(not BF16, reason="no bf16"))],
+                         ids=["fp32", "bf16-autocast"])
+def test_the_chunked_loss_on_cuda_equals_the_full_logits_in_whole_chunks(autocast):
+    """On a GPU the softmax and the weight gradient run on whole chunks (no blocks of rows, as on CPU)."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpt2kids.loss import linear_cross_entropy
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logsumexps = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.logsumexps += func is torch.ops.aten.logsumexp.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    rows, width, vocab = 300, 64, 50257  # 50257: on CPU a 41-row block; here 300 rows in 3 chunks of 100
+    hidden = torch.randn(rows, width, device=CUDA)
+    weight = torch.randn(vocab, width, device=CUDA) * 0.3
+    targets = torch.randint(0, vocab, (rows,), device=CUDA)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), Count() as count:
+        loss, _ = linear_cross_entropy(h, w, targets, chunk_tokens=100)
+    assert count.logsumexps == 3  # one per chunk
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = F.linear(h2, w2)
+    expected = F.cross_entropy(logits.float(), targets, reduction="sum")
+    expected.backward()
+    # fp32: the same sums in another order; bf16: the same bf16 logits, gradients rounded to bf16 before
+    # each matmul (as tests/test_loss.py bounds it on CPU).
+    bound = 1e-5 if not autocast else 4 * 2.0 ** -8
+    torch.testing.assert_close(loss, expected, rtol=bound, atol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=bound, atol=bound)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=bound, atol=bound)
