@@ -33,7 +33,7 @@
 # The repeated stories put copies of training stories in the held-out split: the fine-tune's eval loss
 # shows that training ran, it is not a quality figure; its time is the point.
 # Not measured on a GPU yet: the time limits below are estimates for an H100/H200-class card
-# (about 8 minutes in all, the install's download aside). With a lent machine that reaches no package
+# (8 minutes or more in all, the install's download aside: under --budget 480 the last steps may be skipped). With a lent machine that reaches no package
 # index and whose python3 already holds CUDA torch, transformers, pytest and tensorboard (bench/README.md):
 #   bash bench/cuda_check.sh --python python3 --budget 480 --out "$OUT"
 
@@ -53,7 +53,7 @@ while (($#)); do
         --wheels) WHEELS=$2; shift ;;
         --budget) BUDGET=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
         *) echo "cuda_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
