@@ -213,7 +213,7 @@ def build_app(story: StoryGenerator, *, model_name: str = "", prompt: str = WIDG
                                           placeholder="empty: a different story each time", elem_id="seed")
             with gr.Column():
                 story_box = gr.Textbox(label="Story", lines=16, max_lines=40, interactive=False, buttons=["copy"],
-                                   elem_id="story")
+                                       elem_id="story")
         button.click(tell, inputs=[prompt_box, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    no_repeat, greedy, seed_box],
                      outputs=story_box, api_name=API_NAME, concurrency_limit=1)  # others wait in the queue
