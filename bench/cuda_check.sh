@@ -3,7 +3,8 @@
 #
 #   bash bench/cuda_check.sh                  # a GPU machine that reaches PyPI: installs into a fresh venv
 #   bash bench/cuda_check.sh --python PY      # PY already has CUDA torch and the dev and bench extras
-#   bash bench/cuda_check.sh --dry-run        # any machine, CPU: the same steps at tiny sizes, to test this script
+#   bash bench/cuda_check.sh --dry-run        # any machine, CPU: the same steps at tiny sizes (the CUDA tests
+#                                             # rehearsed on the CPU), to test this script
 #   options: --work DIR (default: a new folder under /tmp), --wheels DIR (pip installs offline from DIR),
 #            --budget SECONDS (no step runs past this much time from the start; steps that no longer fit are
 #            skipped), --out DIR (after every step, summary.md, logs.tar.gz and train_step.json are copied
@@ -53,7 +54,7 @@ while (($#)); do
         --wheels) WHEELS=$2; shift ;;
         --budget) BUDGET=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
         *) echo "cuda_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -75,6 +76,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false GPT2KIDS_CACHE="$WORK/cache
 if ((DRY_RUN)); then
     DEVICE=cpu
     PYTHON=${PYTHON:-$(command -v python3)}
+    export GPT2KIDS_CUDA_TESTS_ON=cpu  # tests/test_cuda.py rehearsed on the CPU
 else
     DEVICE=cuda
 fi
