@@ -86,8 +86,8 @@ class GPT2Config:
             if not condition:
                 raise UserError(f"model config: {problem}")
 
-        def is_integer(value: object) -> bool:  # JSON's true and false are not sizes or ids
-            return isinstance(value, int) and not isinstance(value, bool)
+        def is_integer(value: object) -> bool:  # not a JSON true/false, which Python counts as ints
+            return type(value) is int
 
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)

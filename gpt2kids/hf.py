@@ -288,7 +288,7 @@ def model_eos_ids(folder: Path) -> list[int]:
             raise UserError(f"{path} is not valid JSON ({error}); re-export or re-download the model") from None
         value = settings.get("eos_token_id") if isinstance(settings, dict) else None
         ids = [i for i in (value if isinstance(value, list) else [value])
-               if isinstance(i, int) and not isinstance(i, bool)]
+               if type(i) is int]  # not a JSON true/false, which Python counts as ints
         if ids:
             return ids
     return []
