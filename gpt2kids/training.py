@@ -550,8 +550,6 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     config, folder = run_folder.prepare(config, dist)
     device = resolve_device(dist.device_name(config.device))
     precision = choose_precision(config.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the usual speed/precision trade on Ampere+
     torch.manual_seed(config.seed)
     train_stories, eval_stories = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data,
                                                   config.eval_split, config.seed)

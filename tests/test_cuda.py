@@ -83,6 +83,13 @@ def test_bf16_training_on_cuda_lowers_the_loss(tmp_path, init_folder, corpus):
     assert progress.history[-1]["eval_loss"] < progress.history[0]["eval_loss"]
 
 
+def test_fp32_training_on_cuda_keeps_its_matmuls_in_fp32(tmp_path, init_folder, corpus):
+    # --precision fp32 means fp32: no TF32 switched on behind the user's back (process-wide, at that).
+    assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default
+    prepare_run(config_for(init_folder, corpus, tmp_path / "run", device=CUDA.type, precision="fp32"))
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_fp16_with_the_grad_scaler_on_cuda_trains_and_skips_overflowing_steps(tmp_path, init_folder, corpus):
     config = config_for(init_folder, corpus, tmp_path / "run", device=CUDA.type, precision="fp16", max_steps=4)
     assert train(config).step == 4
