@@ -126,10 +126,10 @@ def test_compiled_training_on_cuda_matches_eager(tmp_path, init_folder, corpus):
 def test_greedy_generate_py_on_cuda_gives_the_tokens_of_transformers(model_folder, precision):
     from transformers import GPT2LMHeadModel
 
-    prompt = "Pada suatu hari"
+    prompt, steps = "Pada suatu hari", 20
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run([sys.executable, "generate.py", prompt, "--model", str(model_folder), "--greedy",
-                             "--format", "jsonl", "--max-new-tokens", "20", "--precision", precision,
+                             "--format", "jsonl", "--max-new-tokens", str(steps), "--precision", precision,
                              "--device", CUDA.type], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     [record] = [json.loads(line) for line in result.stdout.splitlines()]
@@ -138,11 +138,24 @@ def test_greedy_generate_py_on_cuda_gives_the_tokens_of_transformers(model_folde
     reference = GPT2LMHeadModel.from_pretrained(model_folder, dtype=dtype).to(CUDA).eval()
     ids = torch.tensor([tokenizer.encode(prompt)], device=CUDA)
     with torch.inference_mode():
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
-                                 pad_token_id=tokenizer.eos_id)
-    new = [token for token in out[0, ids.shape[1]:].tolist() if token != tokenizer.eos_id]
-    assert len(new) >= 10  # a real continuation, not an early end-of-text
-    assert record["completion"] == tokenizer.decode(new)
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                                 pad_token_id=-1, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    if precision == "bf16":
+        # Both sides round to bf16 and sum in their own orders (ours keeps an fp32 KV cache where the
+        # machine is faster with one): the tokens must agree up to the first step whose best two logits
+        # are closer than a few bf16 roundings of the logits' scale (tests/test_generate.py's bound).
+        logits = torch.cat(out.logits).float()
+        top2 = logits.topk(2, dim=-1).values
+        scale = logits.abs().amax(dim=-1).clamp(min=1.0)
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * 4 * 2.0 ** -8 * scale
+        tokens = tokens[:int(clear.long().cumprod(0).sum())]
+    new = tokens[:tokens.index(tokenizer.eos_id)] if tokenizer.eos_id in tokens else tokens
+    assert len(new) >= (10 if precision == "fp32" else 5)  # a real continuation, not an early end-of-text
+    if precision == "fp32":
+        assert record["completion"] == tokenizer.decode(new)
+    else:
+        assert record["completion"].startswith(tokenizer.decode(new))
 
 
 def test_compiled_decode_step_on_cuda_gives_the_eager_logits_and_greedy_tokens():
