@@ -19,6 +19,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+# bf16 logits: both sides round every matmul's operands and result to 8 significant bits and add in
+# their own orders; a few roundings of 2**-8 relative to the logits' scale.
+BF16_LOGIT_TOLERANCE = 4 * 2.0 ** -8
 
 SAMPLE_TEXTS = [
     "Pada suatu hari, Sari pergi ke pasar bersama ibunya. \"Bu, boleh aku beli mangga?\" tanyanya.",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXTS
+from conftest import BF16_LOGIT_TOLERANCE, REPO, SAMPLE_TEXTS
 
 from gpt2kids.text_generation import HUB_DEFAULT, choose_model
 from gpt2kids.text_output import TextStream
@@ -118,11 +118,6 @@ def test_generation_stops_at_every_end_id_its_generation_config_lists(model_fold
     assert tokenizer.eos_id not in tokens[:stop]
     assert record["new_tokens"] == stop
     assert record["completion"] == tokenizer.decode(tokens[:stop])
-
-
-# bf16 logits: both sides round every matmul's operands and result to 8 significant bits and add in
-# their own orders; a few roundings of 2**-8 relative to the logits' scale.
-BF16_LOGIT_TOLERANCE = 4 * 2.0 ** -8
 
 
 def test_bf16_decoding_gives_the_logits_of_transformers_and_its_tokens_where_they_are_clear(model_folder):
