@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 
-from gpt2kids.cli import ArgumentParser, run_cli
+from gpt2kids.cli import ArgumentParser, flags_given, run_cli
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError, warn
 from gpt2kids.hf import resolve
@@ -69,10 +69,13 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Prompts may come before or after the flags; everything after `--` is a prompt, even "-Halo"."""
+    """Prompts may come before or after the flags; everything after `--` is a prompt, even "-Halo".
+    `args.given`: the flags given, whatever their values."""
     argv = list(argv)
     after = argv.index("--") if "--" in argv else len(argv)
-    args = build_parser().parse_intermixed_args(argv[:after])
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv[:after])
+    args.given = flags_given(parser, argv[:after])
     args.prompts += argv[after + 1:]
     return args
 
@@ -86,11 +89,9 @@ def main(argv: Sequence[str]) -> int:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     check_prompt_text(prompts)  # before anything is loaded or printed
-    parser = build_parser()
-    if not args.serve and (args.host, args.port) != (parser.get_default("host"), parser.get_default("port")):
+    if not args.serve and {"host", "port"} & args.given:
         raise UserError("--host and --port only apply with --serve")
-    ignored = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p")
-               if getattr(args, name) != parser.get_default(name)]
+    ignored = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p") if name in args.given]
     if args.greedy and args.num_return_sequences > 1:  # as transformers refuses it
         raise UserError("--greedy gives one story per prompt, the same every time: drop --num-return-sequences")
     if args.greedy and ignored:  # argmax would drop them silently

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from gpt2kids.errors import Stopped, UserError, speaks
@@ -37,6 +37,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:  # not `in`: a default of 0 equals False
             return action.help
         return super()._get_help_string(action)
+
+
+def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
+    """The settings (argparse dests) that `argv` names, whatever their values: one given at its default too.
+
+    It parses `argv` a second time with every default suppressed, so what remains was given; call it after
+    the real parse (it changes `parser`'s defaults).
+    """
+    for action in parser._actions:  # not set_defaults: argparse would convert its SUPPRESS string as a value
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_intermixed_args(argv)))
 
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:

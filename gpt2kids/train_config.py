@@ -6,13 +6,13 @@ flags, their defaults and `--help` come from one place (`run_folder` saves them 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpt2kids.cli import ArgumentParser
+from gpt2kids.cli import ArgumentParser, flags_given
 from gpt2kids.config import PRESETS
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
@@ -129,26 +129,27 @@ def check_block_size(block_size: int, context: int) -> None:
                         f"use --block-size {context} or less")
 
 
-def build_parser(with_defaults: bool = True) -> ArgumentParser:
-    """The flags of `TrainConfig`; without defaults, a parse holds only the flags given."""
+def build_parser() -> ArgumentParser:
+    """The flags of `TrainConfig`."""
     parser = ArgumentParser(prog="python train.py", epilog=EXAMPLES,
                             description="Fine-tune GPT-2 on Indonesian children's stories (or train one from "
                                         "scratch). Writes a run folder: TensorBoard events, checkpoints, and "
                                         "best/ and final/ exports that transformers loads unchanged.")
     for setting in dataclasses.fields(TrainConfig):
-        default = setting.default if with_defaults else argparse.SUPPRESS
         if setting.type == "bool":
-            parser.add_argument(flag_name(setting.name), action="store_true", default=default, **setting.metadata)
+            parser.add_argument(flag_name(setting.name), action="store_true", default=setting.default,
+                                **setting.metadata)
             continue
         kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(setting.type, str)
-        parser.add_argument(flag_name(setting.name), type=kind, default=default, **setting.metadata)
+        parser.add_argument(flag_name(setting.name), type=kind, default=setting.default, **setting.metadata)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    config = TrainConfig(**vars(parser.parse_args(argv)))
     # The flags given, whatever their values: on --resume, one given at its default is ignored as much as
     # any other, and the note says so.
-    config.given = frozenset(vars(build_parser(with_defaults=False).parse_args(argv)))
+    config.given = flags_given(parser, sys.argv[1:] if argv is None else argv)
     return config
 

@@ -203,9 +203,12 @@ def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, 
     (["--seed", "-1"], "seed must be"),  # torch would wrap it
     (["--seed", str(2**64)], "seed must be"),  # torch would raise
     (["--port", "8000"], "--host and --port only apply with --serve"),
+    (["--port", "7860"], "--host and --port only apply with --serve"),  # given, at its default
     (["--greedy", "--num-return-sequences", "2"], "--greedy gives one story per prompt"),
     (["--serve", "--format", "jsonl"], "no --num-return-sequences or --format"),
     (["--greedy", "--top-k", "10"], "--greedy takes the most likely token, so --top-k would do nothing"),
+    (["--greedy", "--top-k", "50"], "so --top-k would do nothing"),  # given, at its default
+    (["--greedy", "--temperature=1"], "so --temperature would do nothing"),
     (["--greedy", "--temperature", "0", "--top-p", "0.9"], "so --temperature, --top-p would do nothing"),
 ])
 def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words):
