@@ -2,7 +2,9 @@
 
 `RUN/checkpoint/` holds
   model.safetensors   the weights (gpt2kids names; the tied lm_head is left out)
-  state.pt            optimizer, scheduler, scaler, RNG states, progress (read with `weights_only=True`)
+  state.pt            optimizer, scheduler, scaler, each process's RNG states, progress, and what the run
+                      must match to resume (process count, corpus digest, model config, tokenizer);
+                      read with `weights_only=True`
   progress.json       the progress, for people
   manifest.json       SHA-256 of each file above, written last
 The checkpoint it replaces stays as `RUN/checkpoint-previous/`, so a kill at any instant, or a damaged
@@ -71,7 +73,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 @dataclass
 class Checkpoint:
     model: dict[str, torch.Tensor]
-    state: dict[str, Any]  # optimizer, scheduler, scaler, rng, progress
+    state: dict[str, Any]  # state.pt's dict (see the module docstring; `save_checkpoint` in training.py)
     folder: Path
 
     @property

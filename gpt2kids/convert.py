@@ -12,23 +12,21 @@ from gpt2kids.hf import export, load_model, load_tokenizer
 from gpt2kids.tokenizer import tokenizer_files_in
 
 
-def source_generation_settings(folder: Path) -> dict[str, object] | None:
-    """The source's generation_config.json, kept as it is (None: there is none, and export writes its own)."""
-    return read_json_object(folder / "generation_config.json", "fix or delete it, then convert again")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m gpt2kids.convert", description=__doc__)
     parser.add_argument("spec", help="hub id, HF folder, pytorch_model.bin, sharded or prefix-less save")
     parser.add_argument("out_dir", type=Path, help="folder to write (config.json, model.safetensors, tokenizer)")
     args = parser.parse_args(argv)
-    model, folder = load_model(args.spec, dtype=None)  # a clean copy: the weights keep their dtype
+    # Before loading, which for a hub id may download half a gigabyte.
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         raise UserError(f"{args.out_dir} already exists and is not an empty folder; choose a new output folder")
+    model, folder = load_model(args.spec, dtype=None)  # a clean copy: the weights keep their dtype
     tokenizer = load_tokenizer(folder) if tokenizer_files_in(folder) else None
     if tokenizer is None:
         warn(f"{folder} has no tokenizer files; the export holds weights and config only")
-    export(model, tokenizer, args.out_dir, generation=source_generation_settings(folder))
+    # The source's generation_config.json kept as it is (None: there is none, and export writes its own).
+    generation = read_json_object(folder / "generation_config.json", "fix or delete it, then convert again")
+    export(model, tokenizer, args.out_dir, generation=generation)
     print(f"wrote {args.out_dir}", file=sys.stderr)
     return 0
 

@@ -295,12 +295,13 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
     config, dataset, progress = run.config, run.dataset, run.progress
     # Local paths by their names only: the card is meant for the hub.
     data_name = Path(config.data).name if config.data else "the bundled gpt2kids Indonesian children's stories"
+    (beta1, beta2), eps = run.optimizer.defaults["betas"], run.optimizer.defaults["eps"]  # what it runs with
     hyperparameters = {
         "base model": model_card.base_model_shown(run.base_model), "epochs": config.epochs,
         "micro-batch": config.batch_size, "gradient accumulation": config.grad_accum,
         "GPUs/processes": run.dist.world_size, "block size": dataset.train.inputs.shape[1], "learning rate": config.lr,
         "schedule": f"{config.schedule}, {config.warmup_steps} warm-up steps",
-        "optimizer": "AdamW (betas 0.9, 0.999, eps 1e-8)", "weight decay": config.weight_decay,
+        "optimizer": f"AdamW (betas {beta1}, {beta2}, eps {eps:g})", "weight decay": config.weight_decay,
         "max grad norm": config.max_grad_norm, "precision": run.precision.name, "seed": config.seed,
         "dropout": run.model.config.resid_pdrop,
     }

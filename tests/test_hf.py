@@ -424,6 +424,17 @@ def test_convert_refuses_a_file_as_its_output_folder(tmp_path, reference):
     assert (tmp_path / "notes.txt").read_text() == "keep"
 
 
+def test_convert_refuses_a_full_output_folder_before_it_fetches_the_model(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    # Offline (the tests' HF_HUB_OFFLINE=1), a hub id that is not cached fails to load: the output folder's
+    # refusal must come first, as it would before a download.
+    result = run_convert("someone/not-in-the-cache", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "already exists and is not an empty folder" in result.stderr
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new folder", "empty folder"])
 def test_convert_leaves_a_folder_named_like_the_output_plus_old_alone(tmp_path, reference, existing):
     # A user's own out.old beside out/ is not where an export swap sets the old folder aside.

@@ -555,3 +555,10 @@ def test_a_resume_on_changed_stories_is_refused(tmp_path, init_folder, corpus):
         train(config_for(init_folder, stories, out, max_steps=4, resume=True))
     (stories / "zz_new.txt").unlink()
     assert train(config_for(init_folder, stories, out, max_steps=4, resume=True)).step == 4
+
+
+def test_the_card_states_the_optimizer_settings_the_run_uses(tmp_path, init_folder, corpus):
+    run = prepare_run(config_for(init_folder, corpus, tmp_path / "run"))
+    assert "| optimizer | AdamW (betas 0.9, 0.999, eps 1e-08) |" in training.card_files_for(run, "final")["README.md"]
+    run.optimizer.defaults["eps"] = 1e-6  # read from the optimizer, not written out beside it
+    assert "| optimizer | AdamW (betas 0.9, 0.999, eps 1e-06) |" in training.card_files_for(run, "final")["README.md"]
