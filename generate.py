@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch imports (a second or so) ends the process quietly, not in a traceback; run_cli then
+# puts Python's KeyboardInterrupt back.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import sys
 import time
@@ -9,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from gpt2kids.cli import ArgumentParser, flags_given, run_cli
-from gpt2kids.device import PRECISIONS
+from gpt2kids.decoding_kernels import check_inference_precision
+from gpt2kids.device import PRECISIONS, resolve_device
 from gpt2kids.errors import UserError, warn
 from gpt2kids.hf import resolve
 from gpt2kids.logits_processors import SamplingSettings
@@ -61,7 +68,7 @@ def build_parser() -> ArgumentParser:
              "(for --serve, --interactive, long prompt files)")
     add("--prompts-file", metavar="PATH", help='prompts, one per line, or a .jsonl with a "prompt" field; '
                                                '- reads standard input; adds to any PROMPT arguments')
-    add("--interactive", action="store_true", help="a prompt loop; an empty line or Ctrl-D ends it")
+    add("--interactive", action="store_true", help="a prompt loop; a blank line or Ctrl-D ends it")
     add("--serve", action="store_true", help='a local web page to try the model (pip install -e ".[demo]")')
     add("--host", default="127.0.0.1", help="with --serve: the address to listen on")
     add("--port", type=int, default=7860, help="with --serve: the port to listen on")
@@ -97,7 +104,7 @@ def main(argv: Sequence[str]) -> int:
     if args.greedy and ignored:  # argmax would drop them silently
         raise UserError(f"--greedy takes the most likely token, so {', '.join(ignored)} would do nothing: drop "
                         f"{'it' if len(ignored) == 1 else 'them'}, or drop --greedy to sample")
-    if args.interactive and (prompts or args.serve):
+    if args.interactive and (prompts or args.prompts_file or args.serve):
         raise UserError("--interactive reads its prompts from standard input, one per line: drop the PROMPT "
                         "arguments, --prompts-file and --serve")
     if args.serve:
@@ -115,6 +122,8 @@ def main(argv: Sequence[str]) -> int:
         raise UserError('give a PROMPT to continue ("" starts a new story), --prompts-file, --interactive, or '
                         "--serve for a web page (see python generate.py --help)")
 
+    # A bad --device or --precision is the only line on stderr, before the model is named and loaded.
+    check_inference_precision(args.precision, resolve_device(args.device))
     spec, why = choose_model(args.model)
     folder = resolve(spec)  # a hub id is fetched (or found in the cache) once, here
     print(f"model: {folder}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -52,10 +54,16 @@ def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozens
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a command-line `main`, turning `UserError` into one line on stderr and exit status 2."""
+    # Python's own Ctrl-C again (KeyboardInterrupt), in case the script ended Ctrl-C quietly while it imported.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = main()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except UserError as error:
         die(str(error))
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a killed-by-SIGPIPE tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        raise SystemExit(141) from None  # 128 + SIGPIPE
     except Stopped as stop:
         if speaks():
             print(str(stop), file=sys.stderr)

@@ -238,8 +238,8 @@ def pack_blocks(stream: torch.Tensor, block_size: int, pad_id: int) -> Blocks:
 class Dataset:
     train: Blocks
     eval: Blocks | None
-    train_stories: int
-    eval_stories: int
+    train_story_count: int
+    eval_story_count: int
     train_bytes: int
     train_tokens: int  # the training stories' tokens, end-of-text included (a block's last one has no target)
     digest: str  # corpus_digest of the two story sets

@@ -81,7 +81,7 @@ class AttentionShape(NamedTuple):
 Shape = LinearShape | AttentionShape
 
 
-def resolve(kernel: str, tied: bool) -> tuple[str, str]:
+def kernel_pair(kernel: str, tied: bool) -> tuple[str, str]:
     """(one-row kernel, kernel for more rows) of "ONE" or "ONE/MORE"; MORE only where it reads ONE's copy."""
     one, _, more = kernel.partition("/")
     if one not in COPY or (more and more not in COPY):
@@ -94,12 +94,12 @@ def resolve(kernel: str, tied: bool) -> tuple[str, str]:
 
 
 class DecodingLinear(nn.Module):
-    """An `nn.Linear` for decoding: kernel `one_row` for one-row inputs, `more_rows` for more (see `resolve`)."""
+    """An `nn.Linear` for decoding: kernel `one_row` for one-row inputs, `more_rows` for more (see `kernel_pair`)."""
 
     def __init__(self, linear: nn.Linear, kernel: str, embedding: nn.Embedding | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.one_row, self.more_rows = resolve(kernel, tied=embedding is not None)
+        self.one_row, self.more_rows = kernel_pair(kernel, tied=embedding is not None)
         weight, self.bias = linear.weight, linear.bias  # parameters stay parameters: a tied weight stays tied
         if COPY[self.one_row] == "rows":
             weight.data = weight.data.contiguous()  # HF's Conv1D weights arrive transposed
@@ -381,7 +381,7 @@ def choose_kernels(shapes: Mapping[Shape, int], dtype: torch.dtype, force: str |
     A forced kernel is every Linear's; the KV cache then keeps the weights' dtype, as the plain model.
     """
     if force is not None:
-        chosen = {shape: "/".join(resolve(force, shape.tied)) if isinstance(shape, LinearShape)
+        chosen = {shape: "/".join(kernel_pair(force, shape.tied)) if isinstance(shape, LinearShape)
                   else f"{DTYPE_NAMES[dtype]}/{DTYPE_NAMES[dtype]}" for shape in shapes}
         note = "forced"
     else:
@@ -442,11 +442,16 @@ def weights_dtype_for_inference(name: str, device: torch.device, config: GPT2Con
     `auto`: on CPU the faster dtype for a decode step of `config`'s shapes, measured once and cached
     (`decoding_dtype`); on CUDA bf16 where the GPU supports it; elsewhere fp32.
     """
-    check_precision(name)
+    check_inference_precision(name, device)
     if name == "auto":
         if device.type == "cpu":
             return decoding_dtype(config)
         return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    return DTYPES[name]
+
+
+def check_inference_precision(name: str, device: torch.device) -> None:
+    """Raise `UserError` for a precision that cannot hold weights on `device` (before anything loads)."""
+    check_precision(name)
     if name == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
-    return DTYPES[name]

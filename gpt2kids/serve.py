@@ -254,5 +254,6 @@ def serve(story: StoryGenerator, host: str = "127.0.0.1", port: int = 7860, **pa
             time.sleep(0.2)
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr)
+        raise SystemExit(130) from None  # as Ctrl-C ends generate.py's other modes
     finally:
         app.close(verbose=False)  # gradio would say so on stdout, which holds generated text only

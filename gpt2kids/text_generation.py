@@ -35,6 +35,9 @@ def check_seed(seed: int | None) -> None:
 
 def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]:
     """(the model to load, why that one): the given --model, the newest export under `runs`, or the published one."""
+    if spec == "":  # an unset shell variable: not "the default", and not "."
+        raise UserError("--model is empty; name a run folder, an export, an HF folder or a hub id, or leave the flag "
+                        "out")
     if spec is not None:
         return spec, "given by --model"
     configs = [config for pattern in ("*/final/config.json", "*/best/config.json") for config in runs.glob(pattern)]
@@ -53,9 +56,12 @@ def read_prompts_file(path: str) -> list[str]:
             text, name = Path(path).read_text(encoding="utf-8-sig"), path  # a BOM is no prompt
         except FileNotFoundError:
             raise UserError(f"--prompts-file {path} does not exist; pass a file of prompts, one per line") from None
+        except IsADirectoryError:
+            raise UserError(f"--prompts-file {path} is a folder; pass a file of prompts, one per line") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"--prompts-file {path} cannot be read as UTF-8 text ({error})") from None
-    text = text.replace("\r\n", "\n")
+    # A lone CR ends a line too, in a file and on standard input alike, as data.py reads stories.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if path.lower().endswith(".jsonl"):
         return jsonl_field(text, "prompt", name)
     # Lines end at "\n" only: str.splitlines would also cut a prompt at form feeds and Unicode separators.
@@ -64,6 +70,8 @@ def read_prompts_file(path: str) -> list[str]:
 
 def read_standard_input() -> str:
     """All of standard input as UTF-8 text (bytes, decoded here: the terminal's encoding may be stricter)."""
+    if sys.stdin is None:  # closed (`<&-`): nothing to read
+        return ""
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:  # a text stream put in its place
         return sys.stdin.read()
@@ -127,7 +135,8 @@ class StoryGenerator:
             fitted, cut = fit_prompt(ids, context, max_new_tokens, self.tokenizer.eos_id)
             if cut:
                 warn(f"prompt {number} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} and a "
-                     f"context of {context} only its last {len(fitted)} are used")
+                     f"context of {context} only its last {len(fitted)} "
+                     f"{'are' if len(fitted) > 1 else 'is'} used")
         return encoded
 
     def random_numbers(self, seed: int | None) -> torch.Generator | None:
@@ -169,9 +178,9 @@ class StoryGenerator:
         return produced
 
     def interact(self, settings: SamplingSettings, output_format: str, seed: int | None) -> None:
-        """A prompt loop on standard input; an empty line or end of input ends it."""
-        print("type a prompt and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
-        while True:
+        """A prompt loop on standard input; a blank line (empty or only spaces) or end of input ends it."""
+        print("type a prompt and press Enter; a blank line or Ctrl-D ends", file=sys.stderr)
+        while sys.stdin is not None:  # closed (`<&-`): as at the end of input
             print("> ", end="", file=sys.stderr, flush=True)
             raw = getattr(sys.stdin, "buffer", sys.stdin).readline()  # bytes, or text from a text stream
             try:

@@ -305,8 +305,8 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         "max grad norm": config.max_grad_norm, "precision": run.precision.name, "seed": config.seed,
         "dropout": run.model.config.resid_pdrop,
     }
-    description = (f"{data_name}: {dataset.train_stories} training stories ({dataset.train_bytes:,} bytes, "
-                   f"{dataset.train_tokens:,} tokens), {dataset.eval_stories} held out")
+    description = (f"{data_name}: {dataset.train_story_count} training stories ({dataset.train_bytes:,} bytes, "
+                   f"{dataset.train_tokens:,} tokens), {dataset.eval_story_count} held out")
     # final/'s eval loss: the latest evaluation's, when it evaluated the weights of this step (within an epoch too).
     final_eval = progress.last_eval[1] if progress.last_eval and progress.last_eval[0] == progress.step else None
     stopped = progress.stopped_early

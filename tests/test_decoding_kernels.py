@@ -20,8 +20,8 @@ from gpt2kids.decoding_kernels import (
     choose_kernels,
     decide,
     decoding_dtype,
+    kernel_pair,
     optimize_for_decoding,
-    resolve,
     weights_dtype_for_inference,
 )
 from gpt2kids.errors import UserError
@@ -128,15 +128,15 @@ def test_every_kernel_computes_the_tied_head_and_the_embedding_still_reads_its_v
 def test_unknown_kernels_are_refused():
     for bad in ("fast", "linear-2", "split-3", "cols/blas", "linear/mv/cols"):
         with pytest.raises(ValueError, match="unknown decoding kernel"):
-            resolve(bad, tied=False)
+            kernel_pair(bad, tied=False)
 
 
 def test_a_forced_kernel_falls_back_where_it_cannot_read_the_weight():
-    assert resolve("packed", tied=True) == ("packed", "packed")  # a copy of its own beside the embedding's
-    assert resolve("cols", tied=False) == ("split", "split")  # column-major: the tied head only
-    assert resolve("bag/cols", tied=True) == ("bag", "cols")
-    assert resolve("bag/cols", tied=False) == ("bag", "split")
-    assert resolve("linear/mv", tied=False) == ("linear", "linear")  # mv runs one row only
+    assert kernel_pair("packed", tied=True) == ("packed", "packed")  # a copy of its own beside the embedding's
+    assert kernel_pair("cols", tied=False) == ("split", "split")  # column-major: the tied head only
+    assert kernel_pair("bag/cols", tied=True) == ("bag", "cols")
+    assert kernel_pair("bag/cols", tied=False) == ("bag", "split")
+    assert kernel_pair("linear/mv", tied=False) == ("linear", "linear")  # mv runs one row only
 
 
 def test_decide_keeps_the_pair_least_slower_than_the_fastest_for_one_row_or_more():

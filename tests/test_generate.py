@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,10 @@ def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, 
     (["--seed", "-1"], "seed must be"),  # torch would wrap it
     (["--seed", str(2**64)], "seed must be"),  # torch would raise
     (["--port", "8000"], "--host and --port only apply with --serve"),
+    (["--device", "cuda:99"], "--device cuda:99"),  # the only line: said before the "model:" line
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a GPU"),
+    (["--model", ""], "--model is empty"),
+    (["--prompts-file", "{folder}"], "is a folder; pass a file of prompts"),
     (["--port", "7860"], "--host and --port only apply with --serve"),  # given, at its default
     (["--greedy", "--num-return-sequences", "2"], "--greedy gives one story per prompt"),
     (["--serve", "--format", "jsonl"], "no --num-return-sequences or --format"),
@@ -212,7 +218,8 @@ def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, 
     (["--greedy", "--temperature", "0", "--top-p", "0.9"], "so --temperature, --top-p would do nothing"),
 ])
 def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words):
-    flags = [flag.replace("{missing}", str(tmp_path / "no-such-model")) for flag in flags]
+    flags = [flag.replace("{missing}", str(tmp_path / "no-such-model")).replace("{folder}", str(tmp_path))
+             for flag in flags]
     args = ["Halo", "--model", str(model_folder), *flags]
     result = run(*args)
     assert result.returncode == 2
@@ -275,10 +282,10 @@ def test_newest_export_is_the_default(tmp_path):
     assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "b" / "best")
     assert choose_model("given", tmp_path / "runs") == ("given", "given by --model")
     # The newest run, through its best/ (as a run folder means), though its final/ was written after it.
-    for name, time in (("d/best", 3_000_000), ("d/final", 3_000_001)):
+    for name, mtime in (("d/best", 3_000_000), ("d/final", 3_000_001)):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "config.json").write_text("{}")
-        os.utime(tmp_path / "runs" / name / "config.json", (time, time))
+        os.utime(tmp_path / "runs" / name / "config.json", (mtime, mtime))
     assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "d" / "best")
 
 
@@ -421,3 +428,59 @@ def test_offline_without_a_model_the_error_names_the_offline_demo(tmp_path):
     assert result.returncode == 2
     assert "python train.py --init scratch --model-size tiny" in result.stderr
     assert "python generate.py --model runs/demo" in result.stderr
+
+
+def test_a_reader_that_stops_reading_ends_generation_quietly(model_folder):
+    # `generate.py ... | head -1`: the pipe closes before the first story is written.
+    process = subprocess.Popen([sys.executable, str(REPO / "generate.py"), "a", "--model", str(model_folder),
+                                "--num-return-sequences", "3", "--max-new-tokens", "20"], cwd=REPO,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141, stderr  # 128 + SIGPIPE, as `yes | head -1` gives `yes`
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+@pytest.mark.parametrize("flags, status, words", [
+    (["--prompts-file", "-"], 2, "holds no prompts"),
+    (["--interactive"], 0, ""),
+], ids=["prompts-file", "interactive"])
+def test_a_closed_standard_input_is_read_as_an_empty_one(model_folder, flags, status, words):
+    # `generate.py --prompts-file - <&-`: Python has no sys.stdin at all then.
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(model_folder), *flags],
+                            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr and words in result.stderr
+
+
+def test_ctrl_c_while_the_command_imports_torch_ends_it_without_a_traceback():
+    process = subprocess.Popen([sys.executable, str(REPO / "generate.py"), "--help"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and process.poll() is None:  # torch's import has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode in (-signal.SIGINT, 130, 0), stderr  # 0: --help was printed before the signal
+
+
+@pytest.mark.parametrize("source", ["file", "standard input"])
+def test_a_lone_carriage_return_ends_a_prompt_in_a_file_and_on_standard_input(tmp_path, monkeypatch, source):
+    from gpt2kids.text_generation import read_prompts_file
+
+    raw = b"Budi\rSari\r\nTiga\n"
+    (tmp_path / "prompts.txt").write_bytes(raw)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    path = str(tmp_path / "prompts.txt") if source == "file" else "-"
+    assert read_prompts_file(path) == ["Budi", "Sari", "Tiga"]
+
+
+def test_interactive_with_a_prompts_file_is_refused_even_when_the_file_is_empty(model_folder, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = run("--model", str(model_folder), "--interactive", "--prompts-file", str(tmp_path / "empty.txt"))
+    assert result.returncode == 2 and "--interactive reads its prompts from standard input" in result.stderr

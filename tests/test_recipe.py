@@ -138,7 +138,7 @@ def test_eval_data_trains_on_every_story_and_evaluates_on_the_given_file(tmp_pat
     out = tmp_path / "run"
     trainer = build_trainer(config_for(init_folder, corpus, out, eval_data=str(eval_file), epochs=1, max_steps=5))
     stories = data.read_stories(corpus)
-    assert (trainer.dataset.train_stories, trainer.dataset.eval_stories) == (len(stories), 6)
+    assert (trainer.dataset.train_story_count, trainer.dataset.eval_story_count) == (len(stories), 6)
     # No split: the training blocks are all of --data, in file order; the eval blocks are the file's stories.
     expected_train = data.pack_blocks(data.tokenize_stories(stories, tokenizer, use_cache=False), 64, tokenizer.eos_id)
     expected_eval = data.pack_blocks(data.tokenize_stories(held_out, tokenizer, use_cache=False), 64,

@@ -152,6 +152,9 @@ def server(story_model, server_log) -> Iterator[str]:
         # Only generated text may go to stdout; the server generates none there.
         assert process.stdout.read() == ""
         process.stdout.close()
+        # Stopped as Ctrl-C stops generate.py's other modes: status 130, no traceback.
+        assert process.returncode == 130, log.read_text()
+        assert "Traceback" not in log.read_text() and log.read_text().endswith("stopping\n"), log.read_text()
 
 
 @pytest.fixture(scope="module")
