@@ -450,9 +450,23 @@ def train(config: TrainConfig) -> Progress:
     config.validate()
     dist = Distributed.from_environment(config.device)
     try:
-        return run_epochs(prepare_run(config, dist))
+        with compiler_switches_kept():
+            return run_epochs(prepare_run(config, dist))
     finally:
         dist.close()
+
+
+@contextlib.contextmanager
+def compiler_switches_kept() -> Iterator[None]:
+    """Puts back torch's process-wide switches that `prepare_run` turns on for --compile, when the run ends."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill, fallback_random = torch.utils.deterministic.fill_uninitialized_memory, torch._inductor.config.fallback_random
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch._inductor.config.fallback_random = fallback_random
 
 
 def run_epochs(run: Run) -> Progress:
@@ -595,7 +609,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     dist.barrier()
 
     model = use_memory_saving_kernels(model.to(device))
-    if config.compile:
+    if config.compile:  # process-wide switches: `train` puts them back when the run ends (compiler_switches_kept)
         # Random ops (dropout) drawn as eager PyTorch draws them, from the checkpointed generator:
         # inductor's own RNG would not replay exactly after --resume.
         torch._inductor.config.fallback_random = True

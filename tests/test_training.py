@@ -329,8 +329,9 @@ def test_compiled_training_gives_the_steps_of_eager_and_resumes_exactly(tmp_path
     train(config_for(init_folder, corpus, tmp_path / "eager", **settings))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run = prepare_run(config_for(init_folder, corpus, tmp_path / "compiled", compile=True, **settings))
-    run_epochs(run)
+    with training.compiler_switches_kept():  # what train() does around the two
+        run = prepare_run(config_for(init_folder, corpus, tmp_path / "compiled", compile=True, **settings))
+        run_epochs(run)
     assert run.model._compiled_call_impl is not None  # the flag was not ignored
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert same_steps(tmp_path / "eager", tmp_path / "compiled")
@@ -342,14 +343,15 @@ def test_compiled_training_gives_the_steps_of_eager_and_resumes_exactly(tmp_path
     # process) retraces the run never stopped, bit for bit (dropout draws from the checkpointed
     # generator; deterministic algorithms order the embedding's gradient sum).
     dropout = dict(compile=True, dropout=0.1, eval_every=3)
-    try:
-        for name, runs in (("straight", [dict(max_steps=4)]),
-                           ("stopped", [dict(max_steps=2), dict(max_steps=4, resume=True)])):
-            for extra in runs:
-                torch._dynamo.reset()
-                train(config_for(init_folder, corpus, tmp_path / name, **dropout, **extra))
-    finally:  # the setting is process-wide: leave the other tests as they were
-        torch.use_deterministic_algorithms(False)
+    for name, runs in (("straight", [dict(max_steps=4)]),
+                       ("stopped", [dict(max_steps=2), dict(max_steps=4, resume=True)])):
+        for extra in runs:
+            torch._dynamo.reset()
+            train(config_for(init_folder, corpus, tmp_path / name, **dropout, **extra))
+            # The process-wide switches the compiled run turned on are off again once it has ended.
+            assert not torch.are_deterministic_algorithms_enabled()
+            assert not torch._inductor.config.fallback_random
+            assert torch.utils.deterministic.fill_uninitialized_memory
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
     assert any(not torch.equal(straight[key], initial[key]) for key in initial)  # it trained
     for key in straight:
