@@ -28,6 +28,7 @@ from gpt2kids.tokenizer import Tokenizer
 BUNDLED_STORIES = Path(__file__).resolve().parent / "stories"
 BLANK_LINES = re.compile(r"\n\s*\n")
 MIN_STORIES = 2  # one to train on and one to hold out
+DEFAULT_BLOCK_SIZE = 1024  # tokens per block unless a model's context is shorter: the published run's blocks
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from gpt2kids import run_folder
 from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.config import GPT2Config
-from gpt2kids.data import read_stories
+from gpt2kids.data import DEFAULT_BLOCK_SIZE, read_stories
 from gpt2kids.device import PRECISIONS, Precision, choose_precision, resolve_device
 from gpt2kids.errors import UserError, warn
 from gpt2kids.hf import load_model, load_tokenizer, resolve
@@ -29,7 +29,6 @@ from gpt2kids.memory_saving import use_memory_saving_kernels
 from gpt2kids.model import GPT2, IGNORE_INDEX
 from gpt2kids.tokenizer import Tokenizer
 
-DEFAULT_BLOCK_SIZE = 1024
 TOKENIZERS_DIFFER = ("note: the tokenizers differ, so each model is scored on its own tokens of the same texts; "
                      "losses are then not per the same tokens")
 

@@ -592,7 +592,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
                         f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")
-    block_size = config.block_size or min(1024, model.config.n_positions)
+    block_size = config.block_size or min(data.DEFAULT_BLOCK_SIZE, model.config.n_positions)
     check_block_size(block_size, model.config.n_positions)
     config.block_size = block_size
     dataset = data.build_dataset(train_stories, eval_stories, tokenizer, block_size)
