@@ -49,13 +49,16 @@ def build_parser() -> ArgumentParser:
     add("--model", metavar="SPEC", default=None,
         help=f"run folder, export folder, HF GPT-2 folder or hub id (default: the newest export under runs/, "
              f"else {HUB_DEFAULT})")
-    add("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to add to each prompt")
-    add("--temperature", type=float, default=1.0, metavar="X", help="below 1 sharper, above 1 more varied")
-    add("--top-k", type=int, default=50, metavar="N", help="0 turns it off")
-    add("--top-p", type=float, default=1.0, metavar="X", help="1 turns it off")
-    add("--repetition-penalty", type=float, default=1.0, metavar="X", help="1 turns it off")
-    add("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="0 turns it off")
-    add("--num-return-sequences", type=int, default=1, metavar="N", help="stories per prompt")
+    sampling = SamplingSettings()  # the defaults are the sampler's own
+    add("--max-new-tokens", type=int, default=sampling.max_new_tokens, metavar="N", help="tokens to add to each prompt")
+    add("--temperature", type=float, default=sampling.temperature, metavar="X",
+        help="below 1 sharper, above 1 more varied")
+    add("--top-k", type=int, default=sampling.top_k, metavar="N", help="0 turns it off")
+    add("--top-p", type=float, default=sampling.top_p, metavar="X", help="1 turns it off")
+    add("--repetition-penalty", type=float, default=sampling.repetition_penalty, metavar="X", help="1 turns it off")
+    add("--no-repeat-ngram-size", type=int, default=sampling.no_repeat_ngram_size, metavar="N", help="0 turns it off")
+    add("--num-return-sequences", type=int, default=sampling.num_return_sequences, metavar="N",
+        help="stories per prompt")
     add("--greedy", action="store_true", help="argmax decoding")
     add("--seed", type=int, default=None, metavar="N", help="same seed, same text")
     add("--format", choices=("text", "jsonl"), default="text",
