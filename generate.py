@@ -5,8 +5,9 @@ from __future__ import annotations
 import signal
 
 # Ctrl-C while torch imports (a second or so) ends the process quietly, not in a traceback; run_cli then
-# puts Python's KeyboardInterrupt back.
-signal.signal(signal.SIGINT, signal.SIG_DFL)
+# puts Python's KeyboardInterrupt back. (A SIGINT the shell ignores, as for a background job, stays ignored.)
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
 import sys

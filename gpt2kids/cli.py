@@ -54,8 +54,8 @@ def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozens
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a command-line `main`, turning `UserError` into one line on stderr and exit status 2."""
-    # Python's own Ctrl-C again (KeyboardInterrupt), in case the script ended Ctrl-C quietly while it imported.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set while the script imported (train.py, generate.py)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C again: KeyboardInterrupt
     try:
         status = main()
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit

@@ -484,3 +484,22 @@ def test_interactive_with_a_prompts_file_is_refused_even_when_the_file_is_empty(
     (tmp_path / "empty.txt").write_text("")
     result = run("--model", str(model_folder), "--interactive", "--prompts-file", str(tmp_path / "empty.txt"))
     assert result.returncode == 2 and "--interactive reads its prompts from standard input" in result.stderr
+
+
+def test_a_ctrl_c_the_shell_ignores_stays_ignored(model_folder):
+    # A background job of a script starts with SIGINT ignored: Ctrl-C meant for the foreground leaves it alone.
+    import select
+
+    command = [sys.executable, str(REPO / "generate.py"), "--model", str(model_folder), "--interactive"]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    seen, deadline = b"", time.monotonic() + 120
+    while b"> " not in seen:  # the model is loaded and the loop waits for a line
+        assert time.monotonic() < deadline and process.poll() is None, seen
+        if select.select([process.stderr], [], [], 1)[0]:
+            seen += os.read(process.stderr.fileno(), 4096)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    _, stderr = process.communicate(b"\n", timeout=60)  # a blank line ends the loop
+    assert process.returncode == 0, seen + stderr
