@@ -432,7 +432,8 @@ def stop_on_signals(run: Run) -> Iterator[None]:
                   "(send it again to abort without saving)", file=sys.stderr)
         signal.signal(number, previous[number])
 
-    numbers = (signal.SIGINT, signal.SIGTERM)
+    # A signal the shell made us ignore (a script's background job) stays ignored.
+    numbers = [number for number in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(number) is not signal.SIG_IGN]
     previous = {number: signal.getsignal(number) for number in numbers}
     for number in numbers:
         signal.signal(number, request_stop)

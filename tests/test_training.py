@@ -564,3 +564,17 @@ def test_the_card_states_the_optimizer_settings_the_run_uses(tmp_path, init_fold
     assert "| optimizer | AdamW (betas 0.9, 0.999, eps 1e-08) |" in training.card_files_for(run, "final")["README.md"]
     run.optimizer.defaults["eps"] = 1e-6  # read from the optimizer, not written out beside it
     assert "| optimizer | AdamW (betas 0.9, 0.999, eps 1e-06) |" in training.card_files_for(run, "final")["README.md"]
+
+
+def test_a_signal_the_shell_ignores_stays_ignored_while_training():
+    import signal
+    from types import SimpleNamespace
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a background job started by a script
+    try:
+        with training.stop_on_signals(SimpleNamespace()):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # still stops after a step
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
