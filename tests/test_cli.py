@@ -20,9 +20,3 @@ def test_flags_given_include_those_given_at_their_default_and_no_others():
     assert flags_given(parser(), ["--greedy", "one", "--name", "x", "two"]) == {"greedy", "name", "prompts"}
     assert flags_given(parser(), []) == frozenset()
 
-
-def test_the_real_parse_before_it_keeps_its_defaults():
-    flags = parser()
-    args = flags.parse_intermixed_args(["x"])
-    flags_given(flags, ["x"])
-    assert (args.top_k, args.greedy, args.name, args.prompts) == (50, False, None, ["x"])
