@@ -1,8 +1,7 @@
-"""Text in, stories out: the model behind `python generate.py`, loaded once and used for many prompts."""
+"""Text in, stories out: a model and its tokenizer, loaded once and used for many prompts (generate.py, the page)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,75 +10,16 @@ import torch
 
 from gpt2kids.compiled_decoding import compile_decode_step
 from gpt2kids.config import GPT2Config
-from gpt2kids.data import jsonl_field
 from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
 from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_inference
 from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
 from gpt2kids.errors import warn as warn_on_stderr
-from gpt2kids.hf import load_model, load_tokenizer, model_eos_ids, resolve, run_export
+from gpt2kids.generate_config import check_seed
+from gpt2kids.hf import load_model, load_tokenizer, model_eos_ids, resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2
-from gpt2kids.text_output import TextStream, write_jsonl
 from gpt2kids.tokenizer import Tokenizer
-
-HUB_DEFAULT = "bookbot/gpt2-indo-small-kids-stories"
-PROMPTS_PER_BATCH = 16  # prompts decoded together from --prompts-file: one forward serves them all
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (it wraps negative ones: refused)
-
-
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
-
-
-def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]:
-    """(the model to load, why that one): the given --model, the newest export under `runs`, or the published one."""
-    if spec == "":  # an unset shell variable: not "the default", and not "."
-        raise UserError("--model is empty; name a run folder, an export, an HF folder or a hub id, or leave the flag "
-                        "out")
-    if spec is not None:
-        return spec, "given by --model"
-    configs = [config for pattern in ("*/final/config.json", "*/best/config.json") for config in runs.glob(pattern)]
-    if configs:  # the run whose export is newest, through the export a run folder means
-        run = max(configs, key=lambda config: config.stat().st_mtime).parent.parent
-        return str(run_export(run)), f"the newest export under {runs}/"
-    return HUB_DEFAULT, f"the published model, since {runs}/ holds no export (train one with python train.py)"
-
-
-def read_prompts_file(path: str) -> list[str]:
-    """Prompts from a file: one per line, or a `.jsonl` with a "prompt" field; `-` reads standard input."""
-    if path == "-":
-        text, name = read_standard_input(), "standard input"
-    else:
-        try:
-            text, name = Path(path).read_text(encoding="utf-8-sig"), path  # a BOM is no prompt
-        except FileNotFoundError:
-            raise UserError(f"--prompts-file {path} does not exist; pass a file of prompts, one per line") from None
-        except IsADirectoryError:
-            raise UserError(f"--prompts-file {path} is a folder; pass a file of prompts, one per line") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"--prompts-file {path} cannot be read as UTF-8 text ({error})") from None
-    # A lone CR ends a line too, in a file and on standard input alike, as data.py reads stories.
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if path.lower().endswith(".jsonl"):
-        return jsonl_field(text, "prompt", name)
-    # Lines end at "\n" only: str.splitlines would also cut a prompt at form feeds and Unicode separators.
-    return [line for line in text.split("\n") if line.strip()]
-
-
-def read_standard_input() -> str:
-    """All of standard input as UTF-8 text (bytes, decoded here: the terminal's encoding may be stricter)."""
-    if sys.stdin is None:  # closed (`<&-`): nothing to read
-        return ""
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:  # a text stream put in its place
-        return sys.stdin.read()
-    try:
-        return stream.read().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(f"standard input is not UTF-8 text (byte {error.start} is not); save the prompts as "
-                        "UTF-8") from None
 
 
 def check_prompt_text(prompts: Sequence[str], first_number: int = 1) -> None:
@@ -151,43 +91,3 @@ class StoryGenerator:
         the tokenizer's end-of-text or at any end id the model's generation_config.json lists."""
         return generate(self.model, prompts, settings, self.tokenizer.eos_id, generator, on_tokens,
                         more_end_ids=self.end_ids)
-
-    def write_stories(self, prompts: Sequence[str], settings: SamplingSettings, output_format: str,
-                      seed: int | None) -> int:
-        """Print the stories of `prompts` on stdout, a batch at a time; returns the number of new tokens."""
-        generator = self.random_numbers(seed)  # one for every batch: a later batch draws on, it does not repeat
-        produced = 0
-        for start in range(0, len(prompts), PROMPTS_PER_BATCH):
-            batch = prompts[start:start + PROMPTS_PER_BATCH]
-            ids = self.encode(batch, settings.max_new_tokens, first_number=start + 1)
-            rows = [prompt for prompt in batch for _ in range(settings.num_return_sequences)]
-            if output_format == "jsonl":
-                completions = self.decode(ids, settings, generator)
-                write_jsonl(self.tokenizer, rows, completions, sys.stdout)
-            else:
-                if start > 0:
-                    sys.stdout.write("\n")
-                stream = TextStream(self.tokenizer, rows, sys.stdout)
-                try:
-                    completions = self.decode(ids, settings, generator, stream)
-                except UserError:
-                    sys.stdout.write("\n")  # the streamed line ends, so the error line starts on its own
-                    raise
-                stream.finish()
-            produced += sum(map(len, completions))
-        return produced
-
-    def interact(self, settings: SamplingSettings, output_format: str, seed: int | None) -> None:
-        """A prompt loop on standard input; a blank line (empty or only spaces) or end of input ends it."""
-        print("type a prompt and press Enter; a blank line or Ctrl-D ends", file=sys.stderr)
-        while sys.stdin is not None:  # closed (`<&-`): as at the end of input
-            print("> ", end="", file=sys.stderr, flush=True)
-            raw = getattr(sys.stdin, "buffer", sys.stdin).readline()  # bytes, or text from a text stream
-            try:
-                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-            except UnicodeDecodeError:
-                warn_on_stderr("that line is not UTF-8 text (check the terminal's encoding); type it again")
-                continue
-            if not line.strip():
-                return
-            self.write_stories([line.rstrip("\r\n")], settings, output_format, seed)

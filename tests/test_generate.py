@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import BF16_LOGIT_TOLERANCE, REPO, SAMPLE_TEXTS
 
-from gpt2kids.text_generation import HUB_DEFAULT, choose_model
+from gpt2kids.generate_config import HUB_DEFAULT
 from gpt2kids.text_output import TextStream
 from gpt2kids.tokenizer import Tokenizer
 
@@ -195,27 +195,14 @@ def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, 
 
 @pytest.mark.parametrize("flags, words", [
     (["--model", "{missing}"], "does not exist"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--max-new-tokens", "-5"], "--max-new-tokens"),
-    (["--top-p", "0"], "--top-p"),
-    (["--top-p", "1.5"], "--top-p"),
-    (["--temperature", "0"], "--greedy"),
     (["--top-k", "ten"], "--top-k"),
     (["\udcff"], "not valid UTF-8"),
-    (["--seed", "-1"], "seed must be"),  # torch would wrap it
-    (["--seed", str(2**64)], "seed must be"),  # torch would raise
-    (["--port", "8000"], "--host and --port only apply with --serve"),
+    (["--seed", str(2**64)], "seed must be"),  # torch would raise (the other flag checks: test_generate_config.py)
     (["--device", "cuda:99"], "--device cuda:99"),  # the only line: said before the "model:" line
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a GPU"),
-    (["--model", ""], "--model is empty"),
     (["--prompts-file", "{folder}"], "is a folder; pass a file of prompts"),
-    (["--port", "7860"], "--host and --port only apply with --serve"),  # given, at its default
-    (["--greedy", "--num-return-sequences", "2"], "--greedy gives one story per prompt"),
-    (["--serve", "--format", "jsonl"], "no --num-return-sequences or --format"),
-    (["--greedy", "--top-k", "10"], "--greedy takes the most likely token, so --top-k would do nothing"),
+    (["--serve", "--format", "jsonl"], "no --prompts-file, --num-return-sequences or --format"),
     (["--greedy", "--top-k", "50"], "so --top-k would do nothing"),  # given, at its default
-    (["--greedy", "--temperature=1"], "so --temperature would do nothing"),
-    (["--greedy", "--temperature", "0", "--top-p", "0.9"], "so --temperature, --top-p would do nothing"),
 ])
 def test_bad_input_is_one_line_and_status_2(model_folder, tmp_path, flags, words):
     flags = [flag.replace("{missing}", str(tmp_path / "no-such-model")).replace("{folder}", str(tmp_path))
@@ -270,23 +257,6 @@ def test_jsonl_records_count_the_new_tokens_of_each_row(tokenizer):
          "new_tokens": len(completions[0])},
         {"prompt": "Budi", "completion": "", "text": "Budi", "new_tokens": 0},
     ]
-
-
-def test_newest_export_is_the_default(tmp_path):
-    assert choose_model(None, tmp_path / "runs")[0] == HUB_DEFAULT
-    for index, name in enumerate(["a/final", "b/best", "c/final"]):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        config = tmp_path / "runs" / name / "config.json"
-        config.write_text("{}")
-        os.utime(config, (1_000_000 + index * (-1 if name == "c/final" else 1),) * 2)
-    assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "b" / "best")
-    assert choose_model("given", tmp_path / "runs") == ("given", "given by --model")
-    # The newest run, through its best/ (as a run folder means), though its final/ was written after it.
-    for name, mtime in (("d/best", 3_000_000), ("d/final", 3_000_001)):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "config.json").write_text("{}")
-        os.utime(tmp_path / "runs" / name / "config.json", (mtime, mtime))
-    assert choose_model(None, tmp_path / "runs")[0] == str(tmp_path / "runs" / "d" / "best")
 
 
 def test_stream_never_prints_half_a_character():
@@ -367,18 +337,6 @@ def test_prompts_from_a_text_file_and_standard_input_add_to_the_arguments(model_
     assert [record["prompt"] for record in records] == ["Nol", "Satu", "Dua\x0cdan\u2028tiga"]
     piped = run(*common, "--prompts-file", "-", stdin="Tiga\nEmpat\n")
     assert [record["prompt"] for record in jsonl(piped)] == ["Tiga", "Empat"]
-
-
-def test_a_prompts_file_is_read_as_the_data_reader_reads_files(tmp_path, monkeypatch):
-    """A BOM (Notepad writes one) is no part of the first prompt, and .JSONL is .jsonl, in files and piped."""
-    from gpt2kids.text_generation import read_prompts_file
-
-    (tmp_path / "bom.txt").write_bytes("\ufeffSatu\r\nDua\r\n".encode())  # and Windows line ends, also piped
-    (tmp_path / "UPPER.JSONL").write_bytes('\ufeff{"prompt": "Tiga"}\n'.encode())
-    assert read_prompts_file(str(tmp_path / "bom.txt")) == ["Satu", "Dua"]
-    assert read_prompts_file(str(tmp_path / "UPPER.JSONL")) == ["Tiga"]
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffEmpat\r\nLima\r\n".encode())))
-    assert read_prompts_file("-") == ["Empat", "Lima"]
 
 
 def test_a_prompts_file_without_prompts_says_so(model_folder, tmp_path):
@@ -467,17 +425,6 @@ def test_ctrl_c_while_the_command_imports_torch_ends_it_without_a_traceback():
     _, stderr = process.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr
     assert process.returncode in (-signal.SIGINT, 130, 0), stderr  # 0: --help was printed before the signal
-
-
-@pytest.mark.parametrize("source", ["file", "standard input"])
-def test_a_lone_carriage_return_ends_a_prompt_in_a_file_and_on_standard_input(tmp_path, monkeypatch, source):
-    from gpt2kids.text_generation import read_prompts_file
-
-    raw = b"Budi\rSari\r\nTiga\n"
-    (tmp_path / "prompts.txt").write_bytes(raw)
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw)))
-    path = str(tmp_path / "prompts.txt") if source == "file" else "-"
-    assert read_prompts_file(path) == ["Budi", "Sari", "Tiga"]
 
 
 def test_interactive_with_a_prompts_file_is_refused_even_when_the_file_is_empty(model_folder, tmp_path):
