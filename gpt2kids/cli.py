@@ -12,6 +12,7 @@ from typing import NoReturn
 from gpt2kids.errors import Stopped, UserError, speaks
 
 EXIT_USAGE = 2
+SEED_LIMIT = 2**63  # torch's manual_seed takes seeds below this (it wraps negative ones: refused)
 
 
 def die(message: str) -> NoReturn:
@@ -39,6 +40,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:  # not `in`: a default of 0 equals False
             return action.help
         return super()._get_help_string(action)
+
+
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """Refuse a seed torch cannot take (None: no seed)."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{name} must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:

@@ -96,31 +96,36 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-    data = Path(args.data)
-    texts = run_folder.held_out_stories(data) if (data / run_folder.TRAIN_CONFIG).is_file() else read_stories(data)
-    device = resolve_device(args.device)
-    precision = choose_precision(args.precision, device)
-    folders = [resolve(spec) for spec in args.models]
-    # A run folder is scored through one of its exports: the label names which.
-    labels = [f"{spec} ({folder.name}/)" if folder.parent == Path(spec).expanduser() else spec
-              for spec, folder in zip(args.models, folders, strict=True)]
+@dataclass(frozen=True)
+class Candidate:
+    """One model to score: its label in the results, its folder, and the blocks its tokenizer makes."""
+
+    label: str
+    folder: Path
+    blocks: torch.Tensor
+
+
+def read_texts(data: str) -> list[str]:
+    """The texts at `data`: a gpt2kids run folder's held-out stories, or stories in any form data.py reads."""
+    path = Path(data)
+    return run_folder.held_out_stories(path) if (path / run_folder.TRAIN_CONFIG).is_file() else read_stories(path)
+
+
+def prepare(specs: list[str], texts: list[str], data: str,
+            block_size: int | None = None) -> tuple[list[Candidate], int]:
+    """Each model's blocks of the texts (read from `data`), cut to one block size for all (`block_size`, else
+    min(1024, the smallest context)), and that size; raises `UserError` for a model the texts cannot score."""
+    folders = [resolve(spec) for spec in specs]
     configs = [GPT2Config.from_json_file(folder / "config.json") for folder in folders]
     tokenizers = [load_tokenizer(folder) for folder in folders]
-
-    # One block size for every model, so models that share a tokenizer share blocks.
-    block_size = args.block_size
     if block_size is None:  # not `or`: --block-size 0 is refused below, not replaced
         block_size = min(DEFAULT_BLOCK_SIZE, *(config.n_positions for config in configs))
     if block_size < 2:
         raise UserError(f"--block-size {block_size} is too small; a block of T tokens gives T - 1 predictions, "
                         "so use 2 or more")
-    blocks_of: dict[str, torch.Tensor] = {}  # serialized tokenizer -> its blocks
-    model_blocks: list[torch.Tensor] = []
-    for spec, tokenizer, config in zip(args.models, tokenizers, configs, strict=True):
+    blocks_of: dict[str, torch.Tensor] = {}  # serialized tokenizer -> its blocks: models that share one share them
+    candidates = []
+    for spec, folder, tokenizer, config in zip(specs, folders, tokenizers, configs, strict=True):
         if block_size > config.n_positions:
             raise UserError(f"--block-size {block_size} exceeds the context of {spec} ({config.n_positions} tokens); "
                             f"use --block-size {config.n_positions} or less")
@@ -128,29 +133,46 @@ def main(argv: list[str] | None = None) -> int:
         if key not in blocks_of:
             blocks_of[key] = make_blocks(texts, tokenizer, block_size)
         blocks = blocks_of[key]
-        model_blocks.append(blocks)
         if len(blocks) == 0:
-            raise UserError(f"the texts in {args.data} give fewer than {block_size} tokens with the tokenizer of "
+            raise UserError(f"the texts in {data} give fewer than {block_size} tokens with the tokenizer of "
                             f"{spec}, so not one block; add texts or lower --block-size")
         if int(blocks.max()) >= config.vocab_size:
             raise UserError(f"the tokenizer of {spec} gives ids up to {int(blocks.max())} but the model has "
                             f"{config.vocab_size} embeddings; the folder's tokenizer does not belong to its model")
+        # A run folder is scored through one of its exports: the label names which.
+        label = f"{spec} ({folder.name}/)" if folder.parent == Path(spec).expanduser() else spec
+        candidates.append(Candidate(label, folder, blocks))
+    return candidates, block_size
 
+
+def score(candidate: Candidate, device: torch.device, precision: Precision, batch_size: int = 8) -> Result:
+    """Load the candidate's model (one in memory at a time: it is freed on return) and score its blocks."""
+    model, _ = load_model(candidate.folder, device)
+    use_memory_saving_kernels(model)  # the loss by chunks: the full logits never exist
+    loss, predictions = mean_loss(model, candidate.blocks, precision, batch_size, label=candidate.label)
+    if not math.isfinite(loss):
+        warn(f"the loss of {candidate.label} is not finite: its weights or its precision overflow; try "
+             "--precision fp32")
+    return Result(candidate.label, loss, perplexity(loss), predictions, len(candidate.blocks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    texts = read_texts(args.data)
+    device = resolve_device(args.device)
+    precision = choose_precision(args.precision, device)
+    candidates, block_size = prepare(args.models, texts, args.data, args.block_size)
     print(f"{args.data}: {len(texts)} texts; blocks of {block_size} tokens, the last partial block dropped; "
           f"{device} ({precision.name})", file=sys.stderr)
     # Tokenizers that serialize differently may still cut the texts into the same tokens: the blocks decide.
-    tokens_differ = any(not torch.equal(blocks, model_blocks[0]) for blocks in model_blocks[1:])
+    tokens_differ = any(not torch.equal(other.blocks, candidates[0].blocks) for other in candidates[1:])
     if tokens_differ and args.format == "jsonl":
         print(TOKENIZERS_DIFFER, file=sys.stderr)  # stdout holds JSON only
     results = []
-    for label, folder, blocks in zip(labels, folders, model_blocks, strict=True):
-        model, _ = load_model(folder, device)  # one model in memory at a time
-        use_memory_saving_kernels(model)  # the loss by chunks: the full logits never exist
-        loss, predictions = mean_loss(model, blocks, precision, args.batch_size, label=label)
-        del model
-        results.append(Result(label, loss, perplexity(loss), predictions, len(blocks)))
-        if not math.isfinite(loss):
-            warn(f"the loss of {label} is not finite: its weights or its precision overflow; try --precision fp32")
+    for candidate in candidates:
+        results.append(score(candidate, device, precision, args.batch_size))
         if args.format == "jsonl":  # JSON has no NaN or Infinity: a non-finite figure is null
             record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                       for key, value in asdict(results[-1]).items()}

@@ -10,13 +10,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpt2kids.cli import ArgumentParser, flags_given
+from gpt2kids.cli import ArgumentParser, check_seed, flags_given
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
 from gpt2kids.logits_processors import SamplingSettings
 
 HUB_DEFAULT = "bookbot/gpt2-indo-small-kids-stories"
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (it wraps negative ones: refused)
 FORMATS = ("text", "jsonl")
 SAMPLING_FLAGS = tuple(setting.name for setting in dataclasses.fields(SamplingSettings))
 EXAMPLES = """examples:
@@ -87,11 +86,6 @@ class GenerateConfig:
         if not (self.prompts or self.prompts_file is not None or self.interactive or self.serve):
             raise UserError('give a PROMPT to continue ("" starts a new story), --prompts-file, --interactive, or '
                             "--serve for a web page (see python generate.py --help)")
-
-
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
 
 
 def build_parser() -> ArgumentParser:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2kids.cli import check_seed
 from gpt2kids.compiled_decoding import compile_decode_step
 from gpt2kids.config import GPT2Config
 from gpt2kids.decode_loop import StepCallback, fit_prompt, generate
@@ -15,7 +16,6 @@ from gpt2kids.decoding_kernels import optimize_for_decoding, weights_dtype_for_i
 from gpt2kids.device import resolve_device
 from gpt2kids.errors import UserError
 from gpt2kids.errors import warn as warn_on_stderr
-from gpt2kids.generate_config import check_seed
 from gpt2kids.hf import load_model, load_tokenizer, model_eos_ids, resolve
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.model import GPT2

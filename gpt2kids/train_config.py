@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpt2kids.cli import ArgumentParser, flags_given
+from gpt2kids.cli import ArgumentParser, check_seed, flags_given
 from gpt2kids.config import PRESETS
 from gpt2kids.device import PRECISIONS
 from gpt2kids.errors import UserError
@@ -95,8 +95,7 @@ class TrainConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.seed < 2**63:  # what torch.manual_seed takes
-            raise UserError(f"--seed must be a whole number from 0 to {2**63 - 1}, got {self.seed}")
+        check_seed(self.seed, "--seed")
         if self.early_stopping and self.eval_split == 0 and self.eval_data is None:
             raise UserError("--early-stopping needs held-out stories to evaluate: keep --eval-split above 0, or "
                             "pass --eval-data")

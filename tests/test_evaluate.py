@@ -97,6 +97,19 @@ def test_loss_is_transformers_loss_averaged_over_every_prediction(models, texts,
     assert abs(records[0]["loss"] - records[1]["loss"]) > 0.1  # two different models, two figures
 
 
+def test_the_package_functions_score_from_python_as_the_command_does(models, texts, capsys):
+    from dataclasses import asdict
+
+    from gpt2kids.device import choose_precision
+
+    folder_a, _ = models["a"]
+    records, _ = run_jsonl(capsys, str(folder_a), "--data", str(texts), "--block-size", "32", *CPU_FP32)
+    candidates, block_size = evaluate.prepare([str(folder_a)], evaluate.read_texts(str(texts)), str(texts), 32)
+    cpu = torch.device("cpu")
+    assert block_size == 32 and [candidate.label for candidate in candidates] == [str(folder_a)]
+    assert asdict(evaluate.score(candidates[0], cpu, choose_precision("fp32", cpu))) == records[0]
+
+
 def test_the_last_partial_block_is_dropped(models, texts, capsys, tokenizer):
     folder, _ = models["a"]
     total = len(reference_blocks(folder, 1).flatten())
