@@ -459,7 +459,7 @@ def train(config: TrainConfig) -> Progress:
 
 @contextlib.contextmanager
 def compiler_switches_kept() -> Iterator[None]:
-    """Puts back torch's process-wide switches that `prepare_run` turns on for --compile, when the run ends."""
+    """Puts back torch's process-wide switches that `compile_for_training` turns on, when the run ends."""
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     fill, fallback_random = torch.utils.deterministic.fill_uninitialized_memory, torch._inductor.config.fallback_random
     try:
@@ -560,6 +560,46 @@ def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str],
     return model, tokenizer
 
 
+def checkpoint_to_resume(folder: Path, dist: Distributed) -> checkpoint.Checkpoint | None:
+    """The run's newest good checkpoint (None: it has none yet); a damaged newer one is moved aside, so that the
+    next checkpoint keeps the good one as its previous."""
+    saved = checkpoint.load_latest_good(folder) if checkpoint.exists(folder) else None
+    if saved is None:
+        if dist.is_main:
+            print(f"{folder} holds no checkpoint yet (the run stopped before its first one): starting it again from "
+                  "step 0 with its saved settings", file=sys.stderr)
+        return None
+    processes = saved.state.get("world_size")  # older checkpoints: not recorded
+    if processes is not None and processes != dist.world_size:
+        raise UserError(f"the run in {folder} was trained by {processes} process(es) and this is {dist.world_size}; "
+                        f"resume it with the same count (torchrun --nproc_per_node={processes}, or plain python for "
+                        "1): the order of its blocks and its schedule depend on it")
+    dist.barrier()  # every process has read the checkpoint before a damaged one is moved aside
+    if saved.folder != folder / checkpoint.CHECKPOINT and dist.is_main and (folder / checkpoint.CHECKPOINT).exists():
+        checkpoint.set_aside_damaged(folder)
+        print(f"moved the damaged {folder / checkpoint.CHECKPOINT} to {folder / checkpoint.DAMAGED}, so that "
+              f"the next checkpoint keeps {saved.folder} as the previous one", file=sys.stderr)
+    return saved
+
+
+def compile_for_training(model: GPT2, device: torch.device) -> None:
+    """torch.compile `model` in place (its state dict's names stay the same), with the process-wide switches an
+    exact --resume needs: `train` puts them back when the run ends (compiler_switches_kept)."""
+    # Random ops (dropout) drawn as eager PyTorch draws them, from the checkpointed generator:
+    # inductor's own RNG would not replay exactly after --resume.
+    torch._inductor.config.fallback_random = True
+    if device.type == "cpu":
+        # Inductor's CPU kernels add into the embedding's gradient with atomics, in whatever order the
+        # threads arrive: two identical compiled runs would differ in the last bits. Deterministic
+        # algorithms make it lower that sum to the ordered kernel; warn_only keeps ops without a
+        # deterministic version running, and uninitialised memory is not filled (no cost). Not on a
+        # GPU: there it would move other kernels to slower deterministic versions and warn about
+        # cuBLAS's workspace setting, for an exactness no GPU run has checked.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    model.compile()
+
+
 def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     """Everything before the first step: run folder, data, model, optimizer; restored on --resume."""
     dist = dist or Distributed()
@@ -569,21 +609,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     torch.manual_seed(config.seed)
     train_stories, eval_stories = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data,
                                                   config.eval_split, config.seed)
-    saved = checkpoint.load_latest_good(folder) if config.resume and checkpoint.exists(folder) else None
-    if config.resume and saved is None and dist.is_main:
-        print(f"{folder} holds no checkpoint yet (the run stopped before its first one): starting it again from "
-              "step 0 with its saved settings", file=sys.stderr)
-    processes = saved.state.get("world_size") if saved is not None else None  # older checkpoints: not recorded
-    if processes is not None and processes != dist.world_size:
-        raise UserError(f"the run in {folder} was trained by {processes} process(es) and this is {dist.world_size}; "
-                        f"resume it with the same count (torchrun --nproc_per_node={processes}, or plain python for "
-                        "1): the order of its blocks and its schedule depend on it")
-    dist.barrier()  # every process has read the checkpoint before a damaged one is moved aside
-    if saved is not None and saved.folder != folder / checkpoint.CHECKPOINT and dist.is_main:
-        if (folder / checkpoint.CHECKPOINT).exists():
-            checkpoint.set_aside_damaged(folder)
-            print(f"moved the damaged {folder / checkpoint.CHECKPOINT} to {folder / checkpoint.DAMAGED}, so that "
-                  f"the next checkpoint keeps {saved.folder} as the previous one", file=sys.stderr)
+    saved = checkpoint_to_resume(folder, dist) if config.resume else None
     if saved is not None:
         model = GPT2(GPT2Config.from_hf_dict(saved.state["model_config"]))
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
@@ -610,20 +636,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     dist.barrier()
 
     model = use_memory_saving_kernels(model.to(device))
-    if config.compile:  # process-wide switches: `train` puts them back when the run ends (compiler_switches_kept)
-        # Random ops (dropout) drawn as eager PyTorch draws them, from the checkpointed generator:
-        # inductor's own RNG would not replay exactly after --resume.
-        torch._inductor.config.fallback_random = True
-        if device.type == "cpu":
-            # Inductor's CPU kernels add into the embedding's gradient with atomics, in whatever order the
-            # threads arrive: two identical compiled runs would differ in the last bits. Deterministic
-            # algorithms make it lower that sum to the ordered kernel; warn_only keeps ops without a
-            # deterministic version running, and uninitialised memory is not filled (no cost). Not on a
-            # GPU: there it would move other kernels to slower deterministic versions and warn about
-            # cuBLAS's workspace setting, for an exactness no GPU run has checked.
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.utils.deterministic.fill_uninitialized_memory = False
-        model.compile()  # in place: the module (and its state dict's names) stay the same
+    if config.compile:
+        compile_for_training(model, device)
     forward: nn.Module = model
     if dist.enabled:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
