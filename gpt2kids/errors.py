@@ -1,4 +1,4 @@
-"""Errors meant for people: `gpt2kids.cli.run_cli` prints them as one line, with no traceback; and warnings."""
+"""Errors meant for people: `gpt2kids.cli.run_cli` prints them as one line, with no traceback; warnings and notes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ def speaks() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
+def say(message: str) -> None:
+    """A line on stderr about the work (which model, what a run does); under torchrun from rank 0 only."""
+    if speaks():
+        print(message, file=sys.stderr, flush=True)
+
+
 def warn(message: str) -> None:
     """One line on stderr about something that did not stop the work."""
-    if speaks():
-        print(f"warning: {message}", file=sys.stderr)
+    say(f"warning: {message}")
 
 
 class UserError(Exception):

@@ -1,6 +1,6 @@
-"""What a training run tells people: TensorBoard events, a progress bar per epoch, lines on stderr.
+"""What a training run records for people: TensorBoard events and a progress bar per epoch.
 
-Only the main process (rank 0) reports.
+Only the main process (rank 0) reports; its lines on stderr go through `gpt2kids.errors.say`.
 """
 
 from __future__ import annotations
@@ -47,10 +47,6 @@ class Reporter:
     def progress_bar(self, description: str, total: int, done: int) -> tqdm:
         return tqdm(total=total, initial=done, desc=description, file=sys.stderr, disable=not self.is_main,
                     dynamic_ncols=True, leave=False)
-
-    def say(self, line: str) -> None:
-        if self.is_main:
-            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import typing
 from datetime import datetime
 from pathlib import Path
 
 from gpt2kids import atomic_files, checkpoint, data
 from gpt2kids.distributed import Distributed
-from gpt2kids.errors import UserError
+from gpt2kids.errors import UserError, say
 from gpt2kids.hf import RUN_EXPORTS
 from gpt2kids.train_config import SESSION_FIELDS, TrainConfig
 
@@ -47,9 +46,9 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
                             "(--drop-resume-state); start a new run with another --out")
         restored = read_settings(out, "the run cannot be resumed")
         ignored = config.differences(restored)
-        if ignored and dist.is_main:
-            print(f"note: {', '.join(ignored)} ignored: a resumed run keeps the settings in {out / TRAIN_CONFIG}; "
-                  "start a new run (another --out) to change them", file=sys.stderr)
+        if ignored:
+            say(f"note: {', '.join(ignored)} ignored: a resumed run keeps the settings in {out / TRAIN_CONFIG}; "
+                "start a new run (another --out) to change them")
         for setting in SESSION_FIELDS:
             setattr(restored, setting, getattr(config, setting))
         restored.out = str(out)

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import math
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from gpt2kids.config import GPT2Config, preset
 from gpt2kids.decode_loop import generate
 from gpt2kids.device import Precision, choose_precision, resolve_device
 from gpt2kids.distributed import Distributed
-from gpt2kids.errors import Stopped, UserError
+from gpt2kids.errors import Stopped, UserError, say
 from gpt2kids.hf import RUN_EXPORTS, export, load_model, load_tokenizer, run_export
 from gpt2kids.logits_processors import SamplingSettings
 from gpt2kids.loss import perplexity
@@ -393,7 +392,7 @@ def finish_epoch(run: Run, seconds: float) -> None:
     summary = f"epoch {row['epoch']}/{run.config.epochs}: train loss {train_loss:.4f}"
     if eval_loss is not None:
         summary += f", eval loss {eval_loss:.4f}, perplexity {row['perplexity']:.2f}"
-    run.reporter.say(f"{summary} ({seconds:.0f} s, step {progress.step})")
+    say(f"{summary} ({seconds:.0f} s, step {progress.step})")
     progress.epoch += 1
     progress.step_in_epoch = 0
     progress.epoch_loss_sum, progress.epoch_tokens = 0.0, 0
@@ -427,9 +426,8 @@ def stop_on_signals(run: Run) -> Iterator[None]:
 
     def request_stop(number: int, _frame: object) -> None:
         run.stop_signal = signal.Signals(number)
-        if run.dist.is_main:  # torchrun passes the signal to every process
-            print(f"\n{run.stop_signal.name} received: stopping after this step and saving a checkpoint "
-                  "(send it again to abort without saving)", file=sys.stderr)
+        say(f"\n{run.stop_signal.name} received: stopping after this step and saving a checkpoint "  # torchrun
+            "(send it again to abort without saving)")  # passes the signal to every process; rank 0 says so
         signal.signal(number, previous[number])
 
     # A signal the shell made us ignore (a script's background job) stays ignored.
@@ -476,9 +474,8 @@ def run_epochs(run: Run) -> Progress:
     run.model.train()
     limit = run.config.max_steps
     if limit is not None and progress.step >= limit:  # a resume that asks for no more steps: nothing to write
-        if run.dist.is_main:
-            print(f"{run.folder} is at step {progress.step}, at or past --max-steps {limit}: nothing to train; resume "
-                  "with a higher --max-steps, or without it, to go on", file=sys.stderr)
+        say(f"{run.folder} is at step {progress.step}, at or past --max-steps {limit}: nothing to train; resume "
+            "with a higher --max-steps, or without it, to go on")
         return progress
     run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config),
                             resumed=run.config.resume)
@@ -494,7 +491,7 @@ def run_epochs(run: Run) -> Progress:
     finally:
         run.reporter.close()
     if progress.stopped_early:
-        run.reporter.say(f"stopped early: {progress.stopped_early}")
+        say(f"stopped early: {progress.stopped_early}")
     if progress.finished and run.config.drop_resume_state and run.dist.is_main:
         run_folder.drop_resume_state(run.folder)
     report_where_things_are(run, time.perf_counter() - started)
@@ -502,9 +499,9 @@ def run_epochs(run: Run) -> Progress:
         push_export(run)
     elif run.config.push_to_hub and not progress.finished:  # --max-steps ended this session before the run's end
         resume = run_folder.resume_command(run.folder, run.dist.world_size)
-        run.reporter.say(f"not pushed to {run.config.push_to_hub}: the run is not finished (step {progress.step} of "
-                         f"{run.total_steps}); finish it with {resume}, or push "
-                         f"what it has with python -m gpt2kids.push {run.folder} {run.config.push_to_hub}")
+        say(f"not pushed to {run.config.push_to_hub}: the run is not finished (step {progress.step} of "
+            f"{run.total_steps}); finish it with {resume}, or push "
+            f"what it has with python -m gpt2kids.push {run.folder} {run.config.push_to_hub}")
     return progress
 
 
@@ -514,13 +511,13 @@ def report_where_things_are(run: Run, seconds: float) -> None:
     folder = run.folder
     exports = [f"{folder / name}/" for name in RUN_EXPORTS if (folder / name).is_dir()]
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-    run.reporter.say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
+    say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
     spent = run.seconds
-    run.reporter.say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
-                     f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
+    say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
+        f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
     export = run_export(folder) or folder  # named outright: what the run folder alone would mean
-    run.reporter.say(f"generate: python generate.py --model {export} \"{SAMPLE_PROMPT}\"")
-    run.reporter.say(f"watch:    tensorboard --logdir {folder}")
+    say(f"generate: python generate.py --model {export} \"{SAMPLE_PROMPT}\"")
+    say(f"watch:    tensorboard --logdir {folder}")
 
 
 def push_export(run: Run) -> None:
@@ -532,25 +529,21 @@ def push_export(run: Run) -> None:
     except UserError as error:
         raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {run.folder} "
                         f"{run.config.push_to_hub}") from None
-    run.reporter.say(f"pushed {which} to {url}")
+    say(f"pushed {which} to {url}")
 
 
 # --- before the first step -----------------------------------------------------------------------
 
-def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str],
-                              verbose: bool = True) -> tuple[GPT2, Tokenizer]:
-    """The model to fine-tune (or train from scratch) and its tokenizer; `verbose`: say so on stderr."""
+def build_model_and_tokenizer(config: TrainConfig, train_stories: list[str]) -> tuple[GPT2, Tokenizer]:
+    """The model to fine-tune (or train from scratch) and its tokenizer."""
     if config.init == "scratch":
         if config.tokenizer:
             tokenizer = Tokenizer.from_path(config.tokenizer)
         else:
-            if verbose:
-                print(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories",
-                      file=sys.stderr)
+            say(f"training a byte-level BPE of up to {config.vocab_size} tokens on the training stories")
             tokenizer = Tokenizer.train(train_stories, config.vocab_size)  # the same on every process
             note = " (a small corpus runs out of merges sooner)" if tokenizer.vocab_size < config.vocab_size else ""
-            if verbose:
-                print(f"the BPE has {tokenizer.vocab_size} tokens{note}", file=sys.stderr)
+            say(f"the BPE has {tokenizer.vocab_size} tokens{note}")
         model_config = preset(config.model_size, tokenizer.vocab_size, tokenizer.eos_id)
         if config.dropout is not None:
             model_config = model_config.with_dropout(config.dropout)
@@ -565,9 +558,8 @@ def checkpoint_to_resume(folder: Path, dist: Distributed) -> checkpoint.Checkpoi
     next checkpoint keeps the good one as its previous."""
     saved = checkpoint.load_latest_good(folder) if checkpoint.exists(folder) else None
     if saved is None:
-        if dist.is_main:
-            print(f"{folder} holds no checkpoint yet (the run stopped before its first one): starting it again from "
-                  "step 0 with its saved settings", file=sys.stderr)
+        say(f"{folder} holds no checkpoint yet (the run stopped before its first one): starting it again from "
+            "step 0 with its saved settings")
         return None
     processes = saved.state.get("world_size")  # older checkpoints: not recorded
     if processes is not None and processes != dist.world_size:
@@ -577,8 +569,8 @@ def checkpoint_to_resume(folder: Path, dist: Distributed) -> checkpoint.Checkpoi
     dist.barrier()  # every process has read the checkpoint before a damaged one is moved aside
     if saved.folder != folder / checkpoint.CHECKPOINT and dist.is_main and (folder / checkpoint.CHECKPOINT).exists():
         checkpoint.set_aside_damaged(folder)
-        print(f"moved the damaged {folder / checkpoint.CHECKPOINT} to {folder / checkpoint.DAMAGED}, so that "
-              f"the next checkpoint keeps {saved.folder} as the previous one", file=sys.stderr)
+        say(f"moved the damaged {folder / checkpoint.CHECKPOINT} to {folder / checkpoint.DAMAGED}, so that "
+            f"the next checkpoint keeps {saved.folder} as the previous one")
     return saved
 
 
@@ -615,7 +607,7 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         tokenizer = Tokenizer.from_json_string(saved.state["tokenizer"], saved.state.get("tokenizer_special_tokens"),
                                                saved.state.get("tokenizer_eos_id"))
     else:
-        model, tokenizer = build_model_and_tokenizer(config, train_stories, verbose=dist.is_main)
+        model, tokenizer = build_model_and_tokenizer(config, train_stories)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
                         f"{model.config.vocab_size}; use the model's own tokenizer or a smaller one")
@@ -653,10 +645,8 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         restore(run, saved)
         if run.progress.finished:
             raise UserError(f"the run in {folder} has already finished; nothing to resume")
-        if dist.is_main:
-            print(f"resuming {folder} at step {run.progress.step} (epoch {run.progress.epoch + 1})", file=sys.stderr)
-    if dist.is_main:
-        print(f"{folder}: {model.num_parameters():,} parameters on {device} ({precision.name}), "
-              f"{len(dataset.train)} training blocks of {block_size} tokens, {plan.steps_per_epoch} steps "
-              f"per epoch, {run.total_steps} in all", file=sys.stderr)
+        say(f"resuming {folder} at step {run.progress.step} (epoch {run.progress.epoch + 1})")
+    say(f"{folder}: {model.num_parameters():,} parameters on {device} ({precision.name}), "
+        f"{len(dataset.train)} training blocks of {block_size} tokens, {plan.steps_per_epoch} steps "
+        f"per epoch, {run.total_steps} in all")
     return run

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 
 import pytest
 import torch
@@ -17,15 +16,13 @@ from conftest import REPO, SAMPLE_TEXTS, config_for
 from gpt2kids import data
 from gpt2kids.config import GPT2Config
 from gpt2kids.errors import UserError
+from gpt2kids.generate_config import build_parser as build_generate_parser
 from gpt2kids.model import GPT2
 from gpt2kids.optimizer import lr_lambda, make_optimizer
 from gpt2kids.train_config import build_parser as build_train_parser
 from gpt2kids.train_config import parse_args as parse_train_args
 from gpt2kids.training import MAX_SKIPPED_STEPS, TrainingDiverged, evaluate, optimizer_step, run_epochs, train
 from gpt2kids.training import prepare_run as build_trainer
-
-sys.path.insert(0, str(REPO))
-import generate as generate_cli
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -223,7 +220,7 @@ def test_readme_flag_tables_match_the_parsers(which):
         defaults = parsed_defaults(build_train_parser(), [])
     else:
         table = readme_table("## Generating stories: `python generate.py`")
-        defaults = parsed_defaults(generate_cli.build_parser(), ["x"])
+        defaults = parsed_defaults(build_generate_parser(), ["x"])
     assert set(table) == set(defaults), "the README's flag table and the parser list different flags"
     for flag, cell in table.items():
         expected, got = readme_value(cell), defaults[flag]

@@ -531,13 +531,16 @@ def test_dropout_override_keeps_the_loaded_weights(init_folder):
         assert torch.equal(value, dropped.state_dict()[key]), key
 
 
-def test_only_the_main_process_says_it_trains_a_bpe(capsys, corpus):
+def test_only_the_main_process_says_it_trains_a_bpe(capsys, corpus, monkeypatch):
     from gpt2kids.train_config import TrainConfig
 
     config = TrainConfig(init="scratch", model_size="tiny", vocab_size=300)
     stories = data.read_stories(corpus)[:20]
-    training.build_model_and_tokenizer(config, stories, verbose=False)  # another process under torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # another process under torchrun
+    training.build_model_and_tokenizer(config, stories)
     assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
     training.build_model_and_tokenizer(config, stories)
     assert "training a byte-level BPE of up to 300 tokens" in capsys.readouterr().err
 
