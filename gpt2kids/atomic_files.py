@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -81,6 +82,26 @@ def describe_os_error(error: OSError, path: Path) -> str:
 
 
 @contextlib.contextmanager
+def os_errors_unwrapped() -> Iterator[None]:
+    """Inside, a failed write that a library reports as an error of its own is raised as the OSError it
+    stands for, so that `except OSError` (and `describe_os_error`) handle a full disk wherever it happens:
+    torch.save into a Python file raises a RuntimeError whose context is the file's OSError, and the Rust
+    writers (safetensors, tokenizers) raise their own exceptions naming "(os error N)"."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        if isinstance(error.__context__, OSError):
+            raise error.__context__ from None
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number)) from None
+
+
+@contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed to `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +109,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     temporary = Path(temporary_name)
     try:
-        yield temporary
+        with os_errors_unwrapped():
+            yield temporary
         _sync_file(temporary)
         os.replace(temporary, target)
         _sync_folder(target.parent)
@@ -121,7 +143,8 @@ def replace_folder(target: str | Path, fill: Callable[[Path], None], previous: P
     os.chmod(building, 0o777 & ~_umask())
     aside = previous or aside_of(target)
     try:
-        fill(building)
+        with os_errors_unwrapped():
+            fill(building)
         for path in building.rglob("*"):
             if path.is_file():
                 _sync_file(path)

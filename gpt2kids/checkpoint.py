@@ -87,7 +87,8 @@ def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
     def fill(folder: Path) -> None:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.untied_state_dict().items()}
         save_file(weights, folder / "model.safetensors")
-        torch.save(state, folder / "state.pt")
+        with open(folder / "state.pt", "wb") as handle:  # a Python file: a failed write shows as its OSError
+            torch.save(state, handle)
         (folder / "progress.json").write_text(json.dumps(state["progress"], indent=2) + "\n")
         manifest = checksums(folder, FILES)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

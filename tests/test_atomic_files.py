@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 
 import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models
 
 from gpt2kids import atomic_files
 from gpt2kids.atomic_files import (
@@ -150,6 +155,60 @@ def test_a_fill_that_fails_leaves_the_target_as_it_was_and_no_debris(tmp_path):
         replace_folder(target, fill)
     assert (target / "model.safetensors").read_text() == "old"
     assert names(tmp_path) == ["final", "final/model.safetensors", "final/sub", "final/sub/file"]
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails as the kernel fails it."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def torch_save_on_a_full_disk(folder):
+    # Through a buffer, as into a file opened "wb": torch raises a RuntimeError of its own, the OSError its context.
+    torch.save({"weights": torch.zeros(4096)}, io.BufferedWriter(FullDisk()))
+
+
+def safetensors_in_a_missing_folder(folder):
+    save_file({"weights": torch.zeros(4)}, folder / "missing" / "model.safetensors")  # its own SafetensorError
+
+
+def tokenizers_in_a_missing_folder(folder):
+    Tokenizer(models.BPE()).save(str(folder / "missing" / "tokenizer.json"))  # a plain Exception naming the error
+
+
+def safetensors_on_a_full_disk(folder):
+    # What save_file raised on a full tmpfs (safetensors 0.8); a real one needs a filesystem to fill.
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("fill, number", [
+    (torch_save_on_a_full_disk, errno.ENOSPC),
+    (safetensors_on_a_full_disk, errno.ENOSPC),
+    (safetensors_in_a_missing_folder, errno.ENOENT),
+    (tokenizers_in_a_missing_folder, errno.ENOENT),
+])
+def test_a_write_a_library_reports_in_its_own_words_fails_as_its_os_error(tmp_path, fill, number):
+    """So that the callers' `except OSError` turns a full disk into one line (describe_os_error)."""
+    with pytest.raises(OSError) as error:
+        replace_folder(tmp_path / "final", fill)
+    assert error.value.errno == number
+    assert names(tmp_path) == []
+    with pytest.raises(OSError) as error, atomic_files.atomic_path(tmp_path / "cache.safetensors") as temporary:
+        fill(temporary.parent)
+    assert error.value.errno == number
+    assert names(tmp_path) == []
+
+
+def test_other_errors_of_a_fill_stay_as_they_are(tmp_path):
+    def fill(folder):
+        raise ValueError("a bug in the fill")
+
+    with pytest.raises(ValueError, match="a bug in the fill"):
+        replace_folder(tmp_path / "final", fill)
 
 
 def test_recover_folder_puts_back_an_export_left_aside_and_only_then(tmp_path):

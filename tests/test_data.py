@@ -125,6 +125,21 @@ def test_stories_end_with_end_of_text_and_tokens_are_cached(tokenizer, tmp_path,
         data.tokenize_stories(["Cerita lain."], tokenizer)
 
 
+def test_a_token_cache_that_cannot_be_written_costs_a_warning_only(tokenizer, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):  # what safetensors raised on a full tmpfs (0.8), not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setenv("GPT2KIDS_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "save_file", full_disk)
+    stories = ["Satu dua tiga.", "Empat lima."]
+    stream = data.tokenize_stories(stories, tokenizer)
+    assert stream.tolist() == data.tokenize_stories(stories, tokenizer, use_cache=False).tolist()
+    assert "could not write the token cache" in capsys.readouterr().err
+    assert not list((tmp_path / "tokens").iterdir())
+
+
 def test_a_cache_entry_that_parses_but_holds_other_ids_is_tokenized_again(tokenizer, tmp_path, monkeypatch, capsys):
     from safetensors import safe_open
     from safetensors.torch import save_file
