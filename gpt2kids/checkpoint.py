@@ -93,11 +93,11 @@ def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
         manifest = checksums(folder, FILES)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
+    kept = "the previous checkpoint is untouched" if (run_dir / CHECKPOINT).exists() else "no checkpoint was written"
     try:
         replace_folder(run_dir / CHECKPOINT, fill, previous=run_dir / PREVIOUS)
     except OSError as error:
-        raise UserError(f"{describe_os_error(error, run_dir / CHECKPOINT)}; the previous checkpoint is "
-                        "untouched") from None
+        raise UserError(f"{describe_os_error(error, run_dir / CHECKPOINT)}; {kept}") from None
 
 
 def damage_in(folder: Path) -> str | None:

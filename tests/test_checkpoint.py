@@ -281,9 +281,12 @@ def test_a_full_disk_while_torch_writes_the_state_is_one_line_and_keeps_the_prev
     monkeypatch.setattr(torch, "save", lambda state, _handle: real_save(state, io.BufferedWriter(FullDisk())))
     with pytest.raises(UserError, match="^no space left on the device while writing .*checkpoint is untouched"):
         checkpoint.save(tmp_path, tiny_model(2), {"progress": {"step": 20}, "optimizer": torch.zeros(4096)})
+    with pytest.raises(UserError, match="no checkpoint was written$"):  # the run's first
+        checkpoint.save(tmp_path / "new", tiny_model(2), {"progress": {"step": 10}, "optimizer": torch.zeros(4096)})
     monkeypatch.undo()
     assert checkpoint.load_latest_good(tmp_path).progress == {"step": 10}
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "new"]
+    assert not list((tmp_path / "new").iterdir())
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_folder, corpus, monkeypatch):
