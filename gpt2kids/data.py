@@ -81,13 +81,29 @@ def jsonl_field(text: str, field: str, source: str | Path) -> list[str]:
     return values
 
 
+def run_or_model_folder(file: Path, root: Path) -> Path | None:
+    """The outermost folder between `root` (left out) and `file` that is a gpt2kids run (train_config.json) or a
+    model (config.json), if any."""
+    for folder in reversed(file.relative_to(root).parents[:-1]):  # from the top down, `root` itself left out
+        if (root / folder / "train_config.json").is_file() or (root / folder / "config.json").is_file():
+            return root / folder
+    return None
+
+
 def read_stories(path: str | Path, flag: str = "--data") -> list[str]:
     """Stories from a folder of .txt files (one story each), a .txt of blank-line-separated stories,
     or a .jsonl with a `text` field. Whitespace is trimmed and empty stories dropped; errors name `flag`."""
     path = Path(path)
     if path.is_dir():
-        # Stories are the .txt files; hidden folders (.git, ...) and other files (a README.md) are not.
+        # Stories are the .txt files; hidden folders (.git, ...), other files (a README.md) and the folders of runs
+        # and models (`--out` inside `--data`: an export's merges.txt is no story) are not.
         candidates = visible_files(path)
+        skipped_folders = sorted({folder for file in candidates if (folder := run_or_model_folder(file, path))})
+        if skipped_folders:
+            names = [f"{folder.relative_to(path)}/" for folder in skipped_folders]
+            warn(f"skipped {len(names)} run or model folder(s) in {path}, which hold no stories: "
+                 f"{', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+            candidates = [file for file in candidates if run_or_model_folder(file, path) is None]
         files = [p for p in candidates if p.suffix.lower() == ".txt"]
         if len(files) < len(candidates):
             others = [str(p.relative_to(path)) for p in candidates if p.suffix.lower() != ".txt"]

@@ -252,6 +252,23 @@ def test_a_folder_gives_its_txt_files_and_skips_hidden_folders(tmp_path, capsys)
     assert "skipped 2 other file(s)" in warning and "README.md" in warning and "HEAD" not in warning
 
 
+def test_a_folder_skips_the_runs_and_models_inside_it(tmp_path, capsys):
+    """`--out` inside `--data` (or `--data .` above runs/): an export's merges.txt is no story."""
+    (tmp_path / "a.txt").write_text("Judul A\n\nIsi A.", encoding="utf-8")
+    (tmp_path / "more" / "b.txt").parent.mkdir()
+    (tmp_path / "more" / "b.txt").write_text("Judul B\n\nIsi B.", encoding="utf-8")
+    run = tmp_path / "runs" / "first"
+    markers = ((run, "train_config.json"), (run / "best", "config.json"), (tmp_path / "model", "config.json"))
+    for folder, marker in markers:
+        folder.mkdir(parents=True)
+        (folder / marker).write_text("{}", encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\na b", encoding="utf-8")
+    assert data.read_stories(tmp_path) == ["Judul A\n\nIsi A.", "Judul B\n\nIsi B."]
+    warning = capsys.readouterr().err
+    assert "skipped 2 run or model folder(s)" in warning and "model/, runs/first/" in warning
+    assert data.read_stories(run) == ["#version: 0.2\na b"]  # named outright, a folder is read (not its best/)
+
+
 def test_epoch_order_takes_any_seed_train_py_accepts():
     # seed * 1_000_003 + epoch overflows torch.manual_seed's 64 bits for seeds above about 9e12.
     order = data.epoch_order(10, 2**63 - 1, 5)

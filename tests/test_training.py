@@ -215,6 +215,19 @@ def test_a_run_resumes_only_with_the_process_count_it_was_trained_with(tmp_path,
     assert resumed.stderr.count("was trained by 1 process(es) and this is 2; resume it with the same count") == 1
 
 
+def test_a_run_inside_its_data_folder_resumes_and_trains_on_the_stories_only(tmp_path, init_folder, corpus):
+    import shutil
+
+    stories = tmp_path / "stories"
+    shutil.copytree(corpus, stories)
+    out = stories / "run"  # its exports hold .txt files (merges.txt) that are no stories
+    first = prepare_run(config_for(init_folder, stories, out, max_steps=2))
+    run_epochs(first)
+    assert (out / "final" / "merges.txt").is_file()
+    resumed = prepare_run(config_for(init_folder, stories, out, max_steps=3, resume=True))
+    assert resumed.dataset.digest == first.dataset.digest and resumed.progress.step == 2
+
+
 def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, init_folder, corpus):
     import shutil
 
