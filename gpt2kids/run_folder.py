@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import typing
 from datetime import datetime
@@ -73,7 +74,7 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
 def resume_command(folder: Path, processes: int) -> str:
     """The command that continues the run in `folder`: with the process count it was trained with."""
     launcher = f"torchrun --nproc_per_node={processes}" if processes > 1 else "python"
-    return f"{launcher} train.py --out {folder} --resume"
+    return f"{launcher} train.py --out {shlex.quote(str(folder))} --resume"  # quoted: a path may hold spaces
 
 
 def held_out_stories(folder: Path) -> list[str]:

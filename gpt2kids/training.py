@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shlex
 import signal
 import time
 from collections import Counter
@@ -501,7 +502,7 @@ def run_epochs(run: Run) -> Progress:
         resume = run_folder.resume_command(run.folder, run.dist.world_size)
         say(f"not pushed to {run.config.push_to_hub}: the run is not finished (step {progress.step} of "
             f"{run.total_steps}); finish it with {resume}, or push "
-            f"what it has with python -m gpt2kids.push {run.folder} {run.config.push_to_hub}")
+            f"what it has with python -m gpt2kids.push {shlex.quote(str(run.folder))} {run.config.push_to_hub}")
     return progress
 
 
@@ -516,8 +517,8 @@ def report_where_things_are(run: Run, seconds: float) -> None:
     say(f"time: the loop took {seconds:.1f} s: {spent['steps']:.1f} s in optimizer steps, "
         f"{spent['evaluating']:.1f} s evaluating, {spent['saving']:.1f} s writing checkpoints and exports")
     export = run_export(folder) or folder  # named outright: what the run folder alone would mean
-    say(f"generate: python generate.py --model {export} \"{SAMPLE_PROMPT}\"")
-    say(f"watch:    tensorboard --logdir {folder}")
+    say(f"generate: python generate.py --model {shlex.quote(str(export))} \"{SAMPLE_PROMPT}\"")
+    say(f"watch:    tensorboard --logdir {shlex.quote(str(folder))}")
 
 
 def push_export(run: Run) -> None:
@@ -527,7 +528,7 @@ def push_export(run: Run) -> None:
         which = push.export_folder(run.folder)  # best/, else final/
         url = push.push_export(which, run.config.push_to_hub, private=run.config.private)
     except UserError as error:
-        raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {run.folder} "
+        raise UserError(f"{error}; the run is saved: retry with python -m gpt2kids.push {shlex.quote(str(run.folder))} "
                         f"{run.config.push_to_hub}") from None
     say(f"pushed {which} to {url}")
 

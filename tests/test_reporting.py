@@ -54,11 +54,12 @@ def test_the_end_of_a_run_says_where_the_model_is_and_the_bar_is_not_redrawn(tmp
 
 
 def test_a_max_steps_run_also_says_where_the_model_is(tmp_path, init_folder, corpus):
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # the commands it prints quote a path with a space, so they paste as they are
     result = run_train(*flags(init_folder, corpus, out, "--max-steps", "2"))
     assert result.returncode == 0, result.stderr
     assert f"exports: {out / 'final'}/" in result.stderr
-    assert f"python generate.py --model {out / 'final'} " in result.stderr  # no evaluation yet: no best/
+    assert f"python generate.py --model '{out / 'final'}' " in result.stderr  # no evaluation yet: no best/
+    assert f"tensorboard --logdir '{out}'" in result.stderr
 
 
 def hparams_summaries(run_dir) -> int:

@@ -148,6 +148,7 @@ def test_the_resume_command_names_the_process_count_the_run_was_trained_with():
 
     assert run_folder.resume_command(Path("runs/a"), 1) == "python train.py --out runs/a --resume"
     assert run_folder.resume_command(Path("runs/a"), 2) == "torchrun --nproc_per_node=2 train.py --out runs/a --resume"
+    assert run_folder.resume_command(Path("my runs/ü"), 1) == "python train.py --out 'my runs/ü' --resume"
 
 
 @pytest.mark.parametrize("value", ["8", {}, True])
