@@ -427,9 +427,9 @@ def stop_on_signals(run: Run) -> Iterator[None]:
 
     def request_stop(number: int, _frame: object) -> None:
         run.stop_signal = signal.Signals(number)
+        signal.signal(number, previous[number])  # first: a second signal, even one during the line below, aborts
         say(f"\n{run.stop_signal.name} received: stopping after this step and saving a checkpoint "  # torchrun
             "(send it again to abort without saving)")  # passes the signal to every process; rank 0 says so
-        signal.signal(number, previous[number])
 
     # A signal the shell made us ignore (a script's background job) stays ignored.
     numbers = [number for number in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(number) is not signal.SIG_IGN]

@@ -594,3 +594,21 @@ def test_a_signal_the_shell_ignores_stays_ignored_while_training():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_signal_that_comes_while_the_first_is_announced_aborts(monkeypatch):
+    """The stop is announced after the handler is handed back, so a second Ctrl-C (torchrun forwards one beside
+    the terminal's) cannot land in the first one's handler and be lost."""
+    import signal
+    from types import SimpleNamespace
+
+    def announce(_message: str) -> None:  # the second signal arrives while the first is being announced
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(training, "say", announce)
+    run = SimpleNamespace()
+    with pytest.raises(KeyboardInterrupt), training.stop_on_signals(run):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the signals are handled here, between bytecodes
+    assert run.stop_signal == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
