@@ -331,10 +331,13 @@ def check_diverged(run: Run, result: StepResult) -> None:
     # fp16: after a skipped step the scaler lowers its scale and the next step usually succeeds.
     give_up_after = MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1
     if progress.skipped_in_a_row >= give_up_after:
-        raise TrainingDiverged(
-            f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm {result.grad_norm}); "
-            f"the run stopped and {run.folder / checkpoint.CHECKPOINT} and the exports hold the last good state; "
-            "lower --lr or use --precision fp32")
+        saved = [f"{run.folder / name}/" for name in (checkpoint.CHECKPOINT, *RUN_EXPORTS)
+                 if (run.folder / name).is_dir()]
+        holds = "holds" if len(saved) == 1 else "hold"
+        kept = f"{' and '.join(saved)} {holds} the last good state" if saved else "nothing was saved yet"
+        fix = "lower --lr" if run.precision.name == "fp32" else "lower --lr or use --precision fp32"
+        raise TrainingDiverged(f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm "
+                               f"{result.grad_norm}); the run stopped: {kept}; {fix}")
 
 
 def train_epoch(run: Run) -> bool:
