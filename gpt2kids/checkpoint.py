@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -126,8 +127,13 @@ def damage_in(folder: Path) -> str | None:
 def _read(folder: Path) -> Checkpoint:
     try:
         model = load_file(folder / "model.safetensors")
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file: one line
+            warnings.simplefilter("ignore")
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own text goes on to say how to load it unsafely: not passed on
+        raise UserError(f"{folder / 'state.pt'} holds objects that are not tensors or plain data (a pickle that "
+                        "could run code), so it was not loaded; resume only checkpoints gpt2kids wrote") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read the checkpoint in {folder} ({first})") from None
     return Checkpoint(model, state, folder)
