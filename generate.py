@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import signal
+from gpt2kids.cli import quiet_interrupt_while_starting
 
-# Ctrl-C while torch imports (a second or so) ends the process quietly, not in a traceback; run_cli then
-# puts Python's KeyboardInterrupt back. (A SIGINT the shell ignores, as for a background job, stays ignored.)
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+if __name__ == "__main__":
+    quiet_interrupt_while_starting()  # before torch's import
 
 import sys
 

@@ -59,9 +59,17 @@ def flags_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozens
     return frozenset(vars(parser.parse_intermixed_args(argv)))
 
 
+def quiet_interrupt_while_starting() -> None:
+    """Until `run_cli` runs, Ctrl-C ends the process quietly: torch's import takes a second or so, and Python's
+    KeyboardInterrupt would print a traceback from inside it. Call it before importing torch; `run_cli` puts
+    Python's handler back. A SIGINT the shell ignores (a script's background job) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a command-line `main`, turning `UserError` into one line on stderr and exit status 2."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set while the script imported (train.py, generate.py)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # quiet_interrupt_while_starting set it
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C again: KeyboardInterrupt
     try:
         status = main()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from gpt2kids.cli import quiet_interrupt_while_starting
+
+if __name__ == "__main__":  # python -m gpt2kids.convert
+    quiet_interrupt_while_starting()  # before torch's import
+
 import sys
 from pathlib import Path
 

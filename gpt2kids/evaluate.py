@@ -7,6 +7,11 @@ loss, so the figure stands beside that card's 3.777.
 
 from __future__ import annotations
 
+from gpt2kids.cli import quiet_interrupt_while_starting
+
+if __name__ == "__main__":  # python -m gpt2kids.evaluate
+    quiet_interrupt_while_starting()  # before torch's import
+
 import argparse
 import json
 import math

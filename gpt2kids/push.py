@@ -5,6 +5,11 @@ Nothing local is changed; `export_folder` says which folder is sent and checks i
 
 from __future__ import annotations
 
+from gpt2kids.cli import quiet_interrupt_while_starting
+
+if __name__ == "__main__":  # python -m gpt2kids.push
+    quiet_interrupt_while_starting()  # before torch's import
+
 import contextlib
 from pathlib import Path
 from typing import Any
