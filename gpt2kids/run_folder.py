@@ -46,6 +46,12 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
             raise UserError(f"nothing to resume in {out}: the run has finished and holds no checkpoint "
                             "(--drop-resume-state); start a new run with another --out")
         restored = read_settings(out, "the run cannot be resumed")
+        for name in ("data", "eval_data"):  # said before the note below, which would name --data as ignored
+            value = getattr(restored, name)
+            if value and not Path(value).exists():
+                raise UserError(f"the run in {out} read its stories from {value}, which does not exist now; put "
+                                f"them back there, or write where they are now as \"{name}\" in "
+                                f"{out / TRAIN_CONFIG} (a resume checks that they are the same stories)")
         ignored = config.differences(restored)
         if ignored:
             say(f"note: {', '.join(ignored)} ignored: a resumed run keeps the settings in {out / TRAIN_CONFIG}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -80,6 +81,24 @@ def test_resume_checks_the_saved_settings_and_reads_those_of_a_newer_version(tmp
         (out / "train_config.json").write_text(text)
         with pytest.raises(UserError, match=r"train_config.json cannot be read \(.*\); the run cannot be resumed"):
             run_folder.prepare(config_for(init_folder, corpus, out, resume=True), Distributed())
+
+
+def test_a_resume_whose_stories_moved_says_how_to_point_the_run_at_them(tmp_path, init_folder, corpus):
+    import shutil
+
+    from gpt2kids.training import prepare_run
+
+    stories, out = tmp_path / "stories", tmp_path / "run"
+    shutil.copytree(corpus, stories)
+    train(config_for(init_folder, stories, out, max_steps=2))
+    stories.rename(tmp_path / "moved")
+    said = (f"read its stories from {stories}, which does not exist now; put them back there, or write where they "
+            f'are now as "data" in {out / "train_config.json"}')
+    with pytest.raises(UserError, match=re.escape(said)):
+        run_folder.prepare(config_for(init_folder, tmp_path / "moved", out, resume=True), Distributed())
+    saved = json.loads((out / "train_config.json").read_text())
+    (out / "train_config.json").write_text(json.dumps({**saved, "data": str(tmp_path / "moved")}))
+    assert prepare_run(config_for(init_folder, corpus, out, resume=True)).progress.step == 2
 
 
 def test_a_folder_holding_only_checkpoints_is_a_run_a_new_one_does_not_overwrite(tmp_path, init_folder, corpus):
