@@ -600,6 +600,10 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     """Everything before the first step: run folder, data, model, optimizer; restored on --resume."""
     dist = dist or Distributed()
     config, folder = run_folder.prepare(config, dist)
+    if config.push_to_hub and dist.is_main:
+        from gpt2kids.push import check_can_push
+
+        check_can_push(config.push_to_hub)  # no token, or offline: said before any loading, not after the last epoch
     device = resolve_device(dist.device_name(config.device))
     precision = choose_precision(config.precision, device)
     torch.manual_seed(config.seed)
@@ -623,10 +627,6 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
         raise UserError(f"the stories of the run in {folder} changed since it started (its training and held-out "
                         "sets differ now), so its split and blocks would too; put them back as they were to "
                         "resume, or start a new run with another --out")
-    if config.push_to_hub and dist.is_main:
-        from gpt2kids.push import check_can_push
-
-        check_can_push(config.push_to_hub)  # no token, or offline: say so now, not after the last epoch
     if dist.is_main and not config.resume:
         run_folder.write_settings(folder, config)  # the run folder appears only now, every input checked
     dist.barrier()
