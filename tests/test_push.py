@@ -192,12 +192,13 @@ def test_cli_refuses_in_one_line_with_exit_2_and_changes_nothing(tmp_path, case,
     assert snapshot(tmp_path) == before
 
 
-def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path, init_folder, corpus):
+def test_train_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path, corpus):
     home = tmp_path / "hf-home"
     home.mkdir()
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "train.py", "--data", str(corpus), "--init", str(init_folder),
-                             "--out", str(out), "--device", "cpu", "--push-to-hub", "me/kids"], cwd=REPO,
+    # From scratch, so a check made after the data and model (a BPE trained first) would not be the only line.
+    result = subprocess.run([sys.executable, "train.py", "--data", str(corpus), "--init", "scratch", "--model-size",
+                             "tiny", "--out", str(out), "--device", "cpu", "--push-to-hub", "me/kids"], cwd=REPO,
                             env=without_a_token(home, HF_HUB_OFFLINE="0"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
