@@ -101,6 +101,13 @@ class TrainConfig:
                             "pass --eval-data")
         if self.private and not self.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO_ID")
+        # Given on the command line of a new run (a resumed run's own settings are its own: not checked here).
+        scratch_only = [flag_name(name) for name in ("model_size", "vocab_size")
+                        if name in (getattr(self, "given", None) or ())]
+        if scratch_only and self.init != "scratch" and not self.resume:
+            raise UserError(f"{' and '.join(scratch_only)} only appl{'ies' if len(scratch_only) == 1 else 'y'} with "
+                            "--init scratch (a checkpoint brings its own size and tokenizer): drop "
+                            f"{'it' if len(scratch_only) == 1 else 'them'}, or add --init scratch")
         if self.init == "scratch" and self.model_size in PRESETS:  # said before a BPE is trained, not after
             if self.block_size is not None:
                 check_block_size(self.block_size, PRESETS[self.model_size].n_positions)

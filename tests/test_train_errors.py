@@ -75,6 +75,8 @@ def base(tmp_path, init_folder, corpus) -> list[str]:
     (["--device", "tpu"], "is not"),
     (["--early-stopping", "2", "--eval-split", "0"], "--early-stopping needs held-out stories"),
     (["--private"], "--private only applies with --push-to-hub REPO_ID"),
+    (["--model-size", "tiny"], "--model-size only applies with --init scratch"),  # the checkpoint's size is used
+    (["--model-size", "small", "--vocab-size", "300"], "--model-size and --vocab-size only apply with --init scratch"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--seed", str(2**63)], "--seed must be a whole number from 0"),  # torch.manual_seed would overflow
     (["--data", ""], "--data is empty"),  # an unset shell variable: not the bundled stories
