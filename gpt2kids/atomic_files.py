@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from gpt2kids.errors import UserError
 
 
@@ -83,17 +85,17 @@ def describe_os_error(error: OSError, path: Path) -> str:
 
 @contextlib.contextmanager
 def os_errors_unwrapped() -> Iterator[None]:
-    """Inside, a failed write that a library reports as an error of its own is raised as the OSError it
-    stands for, so that `except OSError` (and `describe_os_error`) handle a full disk wherever it happens:
-    torch.save into a Python file raises a RuntimeError whose context is the file's OSError, and the Rust
-    writers (safetensors, tokenizers) raise their own exceptions naming "(os error N)"."""
+    """Inside, a failed write that torch or safetensors reports in an error of its own is raised as the OSError
+    it stands for, so that `except OSError` (and `describe_os_error`) handle a full disk wherever it happens:
+    torch.save into a Python file raises a RuntimeError over the file's OSError, safetensors' Rust writer a
+    SafetensorError naming "(os error N)". Every other error passes through as it is."""
     try:
         yield
-    except OSError:
-        raise
-    except Exception as error:
-        if isinstance(error.__context__, OSError):
+    except RuntimeError as error:
+        if isinstance(error.__context__, OSError) and not error.__suppress_context__:
             raise error.__context__ from None
+        raise
+    except SafetensorError as error:
         found = re.search(r"\(os error (\d+)\)", str(error))
         if found is None:
             raise

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models
 
 from gpt2kids import atomic_files
 from gpt2kids.atomic_files import (
@@ -176,10 +175,6 @@ def safetensors_in_a_missing_folder(folder):
     save_file({"weights": torch.zeros(4)}, folder / "missing" / "model.safetensors")  # its own SafetensorError
 
 
-def tokenizers_in_a_missing_folder(folder):
-    Tokenizer(models.BPE()).save(str(folder / "missing" / "tokenizer.json"))  # a plain Exception naming the error
-
-
 def safetensors_on_a_full_disk(folder):
     # What save_file raised on a full tmpfs (safetensors 0.8); a real one needs a filesystem to fill.
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -189,7 +184,6 @@ def safetensors_on_a_full_disk(folder):
     (torch_save_on_a_full_disk, errno.ENOSPC),
     (safetensors_on_a_full_disk, errno.ENOSPC),
     (safetensors_in_a_missing_folder, errno.ENOENT),
-    (tokenizers_in_a_missing_folder, errno.ENOENT),
 ])
 def test_a_write_a_library_reports_in_its_own_words_fails_as_its_os_error(tmp_path, fill, number):
     """So that the callers' `except OSError` turns a full disk into one line (describe_os_error)."""
@@ -204,11 +198,19 @@ def test_a_write_a_library_reports_in_its_own_words_fails_as_its_os_error(tmp_pa
 
 
 def test_other_errors_of_a_fill_stay_as_they_are(tmp_path):
-    def fill(folder):
-        raise ValueError("a bug in the fill")
+    def bug(folder):
+        raise ValueError("a bug in the fill (os error 28)")
+
+    def check(folder):  # one of our own errors, raised while handling an OSError
+        try:
+            (folder / "missing" / "tokenizer.json").read_text()
+        except OSError:
+            raise UserError("the tokenizer is not there") from None
 
     with pytest.raises(ValueError, match="a bug in the fill"):
-        replace_folder(tmp_path / "final", fill)
+        replace_folder(tmp_path / "final", bug)
+    with pytest.raises(UserError, match="the tokenizer is not there"):
+        replace_folder(tmp_path / "final", check)
 
 
 def test_recover_folder_puts_back_an_export_left_aside_and_only_then(tmp_path):
