@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import shutil
-import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2kids.atomic_files import describe_os_error, replace_folder
 from gpt2kids.errors import UserError, warn
+from gpt2kids.hf import load_plain_pickle, refused_global
 from gpt2kids.model import GPT2
 
 CHECKPOINT = "checkpoint"
@@ -127,12 +127,14 @@ def damage_in(folder: Path) -> str | None:
 def _read(folder: Path) -> Checkpoint:
     try:
         model = load_file(folder / "model.safetensors")
-        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file: one line
-            warnings.simplefilter("ignore")
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's own text goes on to say how to load it unsafely: not passed on
-        raise UserError(f"{folder / 'state.pt'} holds objects that are not tensors or plain data (a pickle that "
-                        "could run code), so it was not loaded; resume only checkpoints gpt2kids wrote") from None
+        state = load_plain_pickle(folder / "state.pt")
+    except pickle.UnpicklingError as error:  # torch's own text goes on to say how to load it unsafely: not passed on
+        refused = refused_global(error)
+        if refused:
+            raise UserError(f"{folder / 'state.pt'} asks to run code when unpickled ({refused}), so it was not "
+                            "loaded; resume only checkpoints gpt2kids wrote") from None
+        raise UserError(f"cannot read the checkpoint in {folder} (its state.pt is not a state file gpt2kids "
+                        "wrote)") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read the checkpoint in {folder} ({first})") from None

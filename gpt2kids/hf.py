@@ -11,8 +11,10 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -142,17 +144,36 @@ def resolve(spec: str | Path) -> Path:
 
 # --- reading weights ------------------------------------------------------------------------------
 
+def load_plain_pickle(path: Path) -> Any:
+    """torch.load with `weights_only`: tensors and plain containers only, a pickle that would run code is refused
+    (`refused_global` tells that refusal from other failures). torch's warnings about pickle protocols, which
+    come before a refusal, are not shown: the caller says it in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refused_global(error: BaseException) -> str | None:
+    """The function or class a `weights_only` load refused to import (code the pickle would run), if that is why
+    `error` was raised; None for a file that is not a pickle of tensors (or one torch's safe unpickler cannot
+    read far enough to tell: it reads protocol 2)."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    # torch words it "Unsupported global: GLOBAL print was not ..." or, for a module it blocks (os, posix),
+    # "unsupported GLOBAL posix.system whose module ..."; the rest of its text says how to allow it: left out.
+    found = re.search(r"unsupported global:?\s+(?:global\s+)?(\S+)", str(error), flags=re.IGNORECASE)
+    return found.group(1) if found else None
+
+
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # weights_only: tensors and plain containers only; a pickle that would run code is refused.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_plain_pickle(path)
     except Exception as error:
         unpickling = isinstance(error, pickle.UnpicklingError)
-        # torch words it "Unsupported global: ..." or, for a module it blocks (os, posix), "unsupported GLOBAL".
-        refused = [line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()]
-        if unpickling and refused:
-            raise UserError(f"{path} is not a plain weights file: it asks to run code when unpickled, which "
-                            f"gpt2kids refuses ({refused[0]}); convert it to safetensors in a trusted place") from None
+        refused = refused_global(error)
+        if refused:
+            raise UserError(f"{path} is not a plain weights file: it asks to run code when unpickled ({refused}), "
+                            "which gpt2kids refuses; convert it to safetensors in a trusted place") from None
         # Not a refusal: the bytes are not a pickle of tensors (torch's unpickling message only says it refused).
         detail = "" if unpickling else f" ({error})"
         raise UserError(f"{path} cannot be read as a PyTorch weights file{detail}; it may be truncated or damaged, "

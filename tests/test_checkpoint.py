@@ -147,16 +147,33 @@ def test_a_state_file_that_asks_to_run_code_is_one_line(tmp_path, init_folder, c
     assert run_train(*flags(init_folder, corpus, out, "--max-steps", "10")).returncode == 0
     # A pickle naming a function: weights_only refuses it before anything runs. The manifest is made to
     # match, as a checkpoint from someone else would.
-    # Protocol 4, as a hand-made pickle may be: torch warns about the protocol before it refuses the file.
-    torch.save({"optimizer": print}, out / "checkpoint" / "state.pt", pickle_protocol=4)
+    torch.save({"optimizer": print}, out / "checkpoint" / "state.pt")
     manifest = json.loads((out / "checkpoint" / checkpoint.MANIFEST).read_text())
     manifest["state.pt"] = checkpoint.sha256_of(out / "checkpoint" / "state.pt")
     (out / "checkpoint" / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     resumed = run_train("--out", str(out), "--resume")
     assert resumed.returncode == 2, resumed.stderr
-    assert resumed.stderr == (f"error: {out / 'checkpoint' / 'state.pt'} holds objects that are not tensors or plain "
-                              "data (a pickle that could run code), so it was not loaded; resume only checkpoints "
-                              "gpt2kids wrote\n")  # not torch's advice on loading it with weights_only=False
+    lines = resumed.stderr.splitlines()  # one line, and not torch's advice on loading it with weights_only=False
+    assert lines == [f"error: {out / 'checkpoint' / 'state.pt'} asks to run code when unpickled (print), so it was "
+                     "not loaded; resume only checkpoints gpt2kids wrote"]
+
+
+@pytest.mark.parametrize("content", ["random bytes", "a protocol 4 pickle"])
+def test_a_state_file_torch_cannot_read_safely_is_one_line_and_no_warning(tmp_path, recwarn, content):
+    """torch refuses both with the same "Unsupported operand" (its safe unpickler reads protocol 2): the message
+    does not guess which, and torch's warning about the protocol is not shown."""
+    checkpoint.save(tmp_path, tiny_model(1), {"progress": {"step": 10}})
+    state = tmp_path / "checkpoint" / "state.pt"  # the manifest is not consulted by _read
+    if content == "random bytes":
+        state.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                          .numpy().tobytes())
+    else:
+        torch.save({"optimizer": print}, state, pickle_protocol=4)
+    with pytest.raises(UserError) as error:
+        checkpoint._read(tmp_path / "checkpoint")
+    assert str(error.value) == (f"cannot read the checkpoint in {tmp_path / 'checkpoint'} (its state.pt is not a "
+                                "state file gpt2kids wrote)")
+    assert not recwarn.list
 
 
 def test_both_checkpoints_damaged_stops_with_a_clear_message(tmp_path, init_folder, corpus):
