@@ -46,12 +46,7 @@ def prepare(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, Path]:
             raise UserError(f"nothing to resume in {out}: the run has finished and holds no checkpoint "
                             "(--drop-resume-state); start a new run with another --out")
         restored = read_settings(out, "the run cannot be resumed")
-        for name in ("data", "eval_data"):  # said before the note below, which would name --data as ignored
-            value = getattr(restored, name)
-            if value and not Path(value).exists():
-                raise UserError(f"the run in {out} read its stories from {value}, which does not exist now; put "
-                                f"them back there, or write where they are now as \"{name}\" in "
-                                f"{out / TRAIN_CONFIG} (a resume checks that they are the same stories)")
+        check_stories_in_place(restored, out)  # said before the note below, which would name --data as ignored
         ignored = config.differences(restored)
         if ignored:
             say(f"note: {', '.join(ignored)} ignored: a resumed run keeps the settings in {out / TRAIN_CONFIG}; "
@@ -83,9 +78,22 @@ def resume_command(folder: Path, processes: int) -> str:
     return f"{launcher} train.py --out {shlex.quote(str(folder))} --resume"  # quoted: a path may hold spaces
 
 
+def check_stories_in_place(settings: TrainConfig, folder: Path) -> None:
+    """Refuse, saying how to mend it, a run whose stories are no longer where its train_config.json says; and
+    make the paths there absolute (one written by hand may start with ~)."""
+    for name, what in (("data", "stories"), ("eval_data", "held-out stories")):
+        value = getattr(settings, name)
+        if value and not Path(value).expanduser().exists():
+            raise UserError(f"the run in {folder} read its {what} from {value}, which does not exist now; put them "
+                            f"back there, or write where they are now (an absolute path) as \"{name}\" in "
+                            f"{folder / TRAIN_CONFIG}")
+    make_inputs_absolute(settings)
+
+
 def held_out_stories(folder: Path) -> list[str]:
     """The stories a run held out for evaluation, chosen again from its train_config.json (same data, seed)."""
     config = read_settings(folder, "pass the held-out texts as --data")
+    check_stories_in_place(config, folder)
     _, held_out = data.load_split(config.data or data.BUNDLED_STORIES, config.eval_data, config.eval_split,
                                   config.seed)
     if not held_out:

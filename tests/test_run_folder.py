@@ -83,7 +83,8 @@ def test_resume_checks_the_saved_settings_and_reads_those_of_a_newer_version(tmp
             run_folder.prepare(config_for(init_folder, corpus, out, resume=True), Distributed())
 
 
-def test_a_resume_whose_stories_moved_says_how_to_point_the_run_at_them(tmp_path, init_folder, corpus):
+def test_a_resume_whose_stories_moved_says_how_to_point_the_run_at_them(tmp_path, init_folder, corpus,
+                                                                         monkeypatch):
     import shutil
 
     from gpt2kids.training import prepare_run
@@ -92,13 +93,21 @@ def test_a_resume_whose_stories_moved_says_how_to_point_the_run_at_them(tmp_path
     shutil.copytree(corpus, stories)
     train(config_for(init_folder, stories, out, max_steps=2))
     stories.rename(tmp_path / "moved")
-    said = (f"read its stories from {stories}, which does not exist now; put them back there, or write where they "
-            f'are now as "data" in {out / "train_config.json"}')
+    said = (f"the run in {out} read its stories from {stories}, which does not exist now; put them back there, or "
+            f'write where they are now (an absolute path) as "data" in {out / "train_config.json"}')
     with pytest.raises(UserError, match=re.escape(said)):
         run_folder.prepare(config_for(init_folder, tmp_path / "moved", out, resume=True), Distributed())
+    with pytest.raises(UserError, match=re.escape(said)):  # evaluate --data RUN chooses the held-out ones again
+        run_folder.held_out_stories(out)
     saved = json.loads((out / "train_config.json").read_text())
-    (out / "train_config.json").write_text(json.dumps({**saved, "data": str(tmp_path / "moved")}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (out / "train_config.json").write_text(json.dumps({**saved, "data": "~/moved"}))  # by hand, ~ and all
     assert prepare_run(config_for(init_folder, corpus, out, resume=True)).progress.step == 2
+    assert run_folder.held_out_stories(out)
+    (out / "train_config.json").write_text(json.dumps({**saved, "data": str(tmp_path / "moved"),
+                                                       "eval_data": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match=re.escape(f"read its held-out stories from {tmp_path / 'gone'}, which")):
+        run_folder.prepare(config_for(init_folder, corpus, out, resume=True), Distributed())
 
 
 def test_a_folder_holding_only_checkpoints_is_a_run_a_new_one_does_not_overwrite(tmp_path, init_folder, corpus):
