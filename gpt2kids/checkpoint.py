@@ -82,6 +82,12 @@ class Checkpoint:
         return self.state["progress"]
 
 
+def last_good(run_dir: Path) -> Path | None:
+    """The checkpoint folder a resume would start from: checkpoint/, else checkpoint-previous/ (after a resume
+    fell back and set a damaged checkpoint/ aside), else None."""
+    return next((run_dir / name for name in (CHECKPOINT, PREVIOUS) if (run_dir / name).is_dir()), None)
+
+
 def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
     """Write `run_dir/checkpoint/` atomically; `state` must hold a `progress` dict."""
 
@@ -94,7 +100,8 @@ def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
         manifest = checksums(folder, FILES)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    kept = "the previous checkpoint is untouched" if (run_dir / CHECKPOINT).exists() else "no checkpoint was written"
+    kept = last_good(run_dir)
+    kept = f"the last checkpoint ({kept}/) is untouched" if kept else "no checkpoint was written"
     try:
         replace_folder(run_dir / CHECKPOINT, fill, previous=run_dir / PREVIOUS)
     except OSError as error:

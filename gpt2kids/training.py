@@ -331,10 +331,11 @@ def check_diverged(run: Run, result: StepResult) -> None:
     # fp16: after a skipped step the scaler lowers its scale and the next step usually succeeds.
     give_up_after = MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1
     if progress.skipped_in_a_row >= give_up_after:
-        saved = [f"{run.folder / name}/" for name in (checkpoint.CHECKPOINT, *RUN_EXPORTS)
-                 if (run.folder / name).is_dir()]
-        holds = "holds" if len(saved) == 1 else "hold"
-        kept = f"{' and '.join(saved)} {holds} the last good state" if saved else "nothing was saved yet"
+        saved = checkpoint.last_good(run.folder)
+        exports = [f"{run.folder / name}/" for name in RUN_EXPORTS if (run.folder / name).is_dir()]
+        kept = f"{saved}/ holds the last good state" if saved else "no checkpoint was saved yet"
+        if exports:
+            kept += f", and {' and '.join(exports)} " + ("is as it was" if len(exports) == 1 else "are as they were")
         fix = "lower --lr" if run.precision.name == "fp32" else "lower --lr or use --precision fp32"
         raise TrainingDiverged(f"the loss became non-finite at step {progress.step} (loss {result.loss}, grad norm "
                                f"{result.grad_norm}); the run stopped: {kept}; {fix}")

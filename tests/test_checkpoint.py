@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -299,13 +300,19 @@ def test_a_full_disk_while_torch_writes_the_state_is_one_line_and_keeps_the_prev
 
     # torch.save as it goes on a full disk: through the file's buffer, its own RuntimeError over the OSError.
     monkeypatch.setattr(torch, "save", lambda state, _handle: real_save(state, io.BufferedWriter(FullDisk())))
-    with pytest.raises(UserError, match="^no space left on the device while writing .*checkpoint is untouched"):
+    with pytest.raises(UserError, match=r"^no space left on the device while writing .*; the last checkpoint \(.*/"
+                                        r"checkpoint/\) is untouched$"):
         checkpoint.save(tmp_path, tiny_model(2), {"progress": {"step": 20}, "optimizer": torch.zeros(4096)})
     with pytest.raises(UserError, match="no checkpoint was written$"):  # the run's first
         checkpoint.save(tmp_path / "new", tiny_model(2), {"progress": {"step": 10}, "optimizer": torch.zeros(4096)})
+    fell_back = tmp_path / "fell-back"  # a resume fell back to checkpoint-previous/ and set checkpoint/ aside
+    (fell_back / "checkpoint-previous").mkdir(parents=True)
+    with pytest.raises(UserError, match=re.escape(f"the last checkpoint ({fell_back / 'checkpoint-previous'}/) is "
+                                                  "untouched")):
+        checkpoint.save(fell_back, tiny_model(2), {"progress": {"step": 10}, "optimizer": torch.zeros(4096)})
     monkeypatch.undo()
     assert checkpoint.load_latest_good(tmp_path).progress == {"step": 10}
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "new"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "fell-back", "new"]
     assert not list((tmp_path / "new").iterdir())
 
 
@@ -323,7 +330,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, init_fol
     monkeypatch.setattr(checkpoint, "save_file", save_file_on_a_full_disk)
     with pytest.raises(UserError, match="no space left on the device") as error:
         train(config_for(init_folder, corpus, out, **SETTINGS))
-    assert "previous checkpoint is untouched" in str(error.value)
+    assert f"the last checkpoint ({out / 'checkpoint'}/) is untouched" in str(error.value)
     assert checkpoint.damage_in(out / "checkpoint") is None
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 10
     assert not list(out.glob(".*.tmp"))

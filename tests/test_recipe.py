@@ -294,7 +294,7 @@ def test_fp16_stops_at_exactly_the_25th_skipped_step_in_a_row(tmp_path, init_fol
         run_epochs(trainer)
     assert taken == list(range(1, 26)), "the run did not stop right after the 25th skipped step"
     assert trainer.progress.step == 25 and trainer.progress.skipped_in_a_row == 25
-    assert str(error.value).endswith("the run stopped: nothing was saved yet; lower --lr or use --precision fp32")
+    assert str(error.value).endswith("the run stopped: no checkpoint was saved yet; lower --lr or use --precision fp32")
 
 
 @pytest.mark.parametrize("bad", [1, 24])

@@ -441,8 +441,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         run_epochs(run)
     assert run.progress.step == 5 and run.progress.skipped_in_a_row == 1
     # The run is in fp32 and has a checkpoint and a final/ export: the message says so, and no more.
-    assert str(error.value).endswith(f"the run stopped: {out / 'checkpoint'}/ and {out / 'final'}/ hold the last "
-                                     "good state; lower --lr")
+    assert str(error.value).endswith(f"the run stopped: {out / 'checkpoint'}/ holds the last good state, and "
+                                     f"{out / 'final'}/ is as it was; lower --lr")
     assert all(torch.equal(kept[k], v) for k, v in final_weights(out).items())
     assert (out / "final" / "model.safetensors").read_bytes() == kept_export
 
