@@ -23,10 +23,11 @@ from safetensors import SafetensorError
 from gpt2kids.errors import UserError
 
 
-def visible_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path, skip_folder: Callable[[Path], bool] | None = None) -> list[Path]:
     """The files below `folder`, sorted, without hidden ones or those in hidden folders (.git/, and the
-    temporary names atomic writes use). Links to folders are followed (a story folder linked in is read),
-    each real folder once, so a link back up the tree ends there."""
+    temporary names atomic writes use), nor those in a folder below it that `skip_folder` says to skip. Links
+    to folders are followed (a story folder linked in is read), each real folder once, so a link back up the
+    tree ends there."""
     files, walked = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -34,7 +35,8 @@ def visible_files(folder: Path) -> list[Path]:
             folders.clear()
             continue
         walked.add(real)
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [name for name in folders if not name.startswith(".")
+                      and not (skip_folder and skip_folder(Path(root, name)))]
         files += [Path(root, name) for name in names if not name.startswith(".") and Path(root, name).is_file()]
     return sorted(files)
 

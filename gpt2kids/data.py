@@ -24,10 +24,12 @@ from gpt2kids.atomic_files import atomic_path, visible_files
 from gpt2kids.errors import UserError, warn
 from gpt2kids.model import IGNORE_INDEX
 from gpt2kids.tokenizer import Tokenizer
+from gpt2kids.train_config import TRAIN_CONFIG
 
 BUNDLED_STORIES = Path(__file__).resolve().parent / "stories"
 BLANK_LINES = re.compile(r"\n\s*\n")
 MIN_STORIES = 2  # one to train on and one to hold out
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # beside a config.json
 DEFAULT_BLOCK_SIZE = 1024  # tokens per block unless a model's context is shorter: the published run's blocks
 
 
@@ -81,12 +83,13 @@ def jsonl_field(text: str, field: str, source: str | Path) -> list[str]:
     return values
 
 
-def run_or_model_folder(file: Path, root: Path) -> Path | None:
-    """The outermost folder between `root` (left out) and `file` that is a gpt2kids run (train_config.json) or a
-    model (config.json), if any."""
-    for folder in reversed(file.relative_to(root).parents[:-1]):  # from the top down, `root` itself left out
-        if (root / folder / "train_config.json").is_file() or (root / folder / "config.json").is_file():
-            return root / folder
+def run_or_model(folder: Path) -> str | None:
+    """"run" for a gpt2kids run folder (its train_config.json), "model" for a model folder (a config.json beside
+    the weights), else None: neither holds stories, though an export's merges.txt is a .txt."""
+    if (folder / TRAIN_CONFIG).is_file():
+        return "run"
+    if (folder / "config.json").is_file() and any((folder / name).is_file() for name in MODEL_WEIGHTS):
+        return "model"
     return None
 
 
@@ -95,15 +98,24 @@ def read_stories(path: str | Path, flag: str = "--data") -> list[str]:
     or a .jsonl with a `text` field. Whitespace is trimmed and empty stories dropped; errors name `flag`."""
     path = Path(path)
     if path.is_dir():
+        if kind := run_or_model(path):
+            raise UserError(f"{flag} {path} is a {kind} folder, not stories; pass the stories (evaluate --data takes a "
+                            "run folder and scores the stories it held out)")
         # Stories are the .txt files; hidden folders (.git, ...), other files (a README.md) and the folders of runs
         # and models (`--out` inside `--data`: an export's merges.txt is no story) are not.
-        candidates = visible_files(path)
-        skipped_folders = sorted({folder for file in candidates if (folder := run_or_model_folder(file, path))})
+        skipped_folders: list[Path] = []
+
+        def skip(folder: Path) -> bool:
+            if run_or_model(folder):
+                skipped_folders.append(folder)
+                return True
+            return False
+
+        candidates = visible_files(path, skip)
         if skipped_folders:
-            names = [f"{folder.relative_to(path)}/" for folder in skipped_folders]
+            names = sorted(f"{folder.relative_to(path)}/" for folder in skipped_folders)
             warn(f"skipped {len(names)} run or model folder(s) in {path}, which hold no stories: "
                  f"{', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
-            candidates = [file for file in candidates if run_or_model_folder(file, path) is None]
         files = [p for p in candidates if p.suffix.lower() == ".txt"]
         if len(files) < len(candidates):
             others = [str(p.relative_to(path)) for p in candidates if p.suffix.lower() != ".txt"]

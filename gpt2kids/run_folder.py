@@ -19,9 +19,7 @@ from gpt2kids import atomic_files, checkpoint, data
 from gpt2kids.distributed import Distributed
 from gpt2kids.errors import UserError, say
 from gpt2kids.hf import RUN_EXPORTS
-from gpt2kids.train_config import SESSION_FIELDS, TrainConfig
-
-TRAIN_CONFIG = "train_config.json"
+from gpt2kids.train_config import SESSION_FIELDS, TRAIN_CONFIG, TrainConfig
 
 
 def make_inputs_absolute(config: TrainConfig) -> None:

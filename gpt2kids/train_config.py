@@ -20,6 +20,7 @@ from gpt2kids.optimizer import SCHEDULES
 from gpt2kids.tokenizer import check_bpe_vocab_size
 
 DEFAULT_INIT = "flax-community/gpt2-small-indonesian"
+TRAIN_CONFIG = "train_config.json"  # a run folder's copy of its settings: marks the folder as a run
 # Settings of one invocation rather than of the run: a resumed run takes these from the command line.
 SESSION_FIELDS = ("out", "resume", "max_steps", "device", "compile", "push_to_hub", "private", "drop_resume_state")
 EXAMPLES = """examples:

@@ -257,16 +257,28 @@ def test_a_folder_skips_the_runs_and_models_inside_it(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("Judul A\n\nIsi A.", encoding="utf-8")
     (tmp_path / "more" / "b.txt").parent.mkdir()
     (tmp_path / "more" / "b.txt").write_text("Judul B\n\nIsi B.", encoding="utf-8")
-    run = tmp_path / "runs" / "first"
-    markers = ((run, "train_config.json"), (run / "best", "config.json"), (tmp_path / "model", "config.json"))
-    for folder, marker in markers:
+    (tmp_path / "more" / "config.json").write_text("{}", encoding="utf-8")  # a dataset's own: no weights beside it
+    run, model = tmp_path / "runs" / "first", tmp_path / "model"
+    markers = {run: ["train_config.json"], run / "best": ["config.json", "model.safetensors"],
+               model: ["config.json", "pytorch_model.bin"]}
+    for folder, names in markers.items():
         folder.mkdir(parents=True)
-        (folder / marker).write_text("{}", encoding="utf-8")
+        for name in names:
+            (folder / name).write_text("{}", encoding="utf-8")
         (folder / "merges.txt").write_text("#version: 0.2\na b", encoding="utf-8")
     assert data.read_stories(tmp_path) == ["Judul A\n\nIsi A.", "Judul B\n\nIsi B."]
     warning = capsys.readouterr().err
     assert "skipped 2 run or model folder(s)" in warning and "model/, runs/first/" in warning
-    assert data.read_stories(run) == ["#version: 0.2\na b"]  # named outright, a folder is read (not its best/)
+
+
+@pytest.mark.parametrize("kind", ["run", "model"])
+def test_a_run_or_model_folder_given_as_the_stories_is_refused(tmp_path, kind):
+    names = ["train_config.json"] if kind == "run" else ["config.json", "model.safetensors"]
+    for name in names:
+        (tmp_path / name).write_text("{}", encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b", encoding="utf-8")
+    with pytest.raises(UserError, match=f"^--data {tmp_path} is a {kind} folder, not stories; pass the stories"):
+        data.read_stories(tmp_path)
 
 
 def test_epoch_order_takes_any_seed_train_py_accepts():
