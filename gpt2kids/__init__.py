@@ -19,5 +19,10 @@ def __getattr__(name: str) -> Any:
     """`gpt2kids.GPT2` and the rest, imported on first use: the package itself does not import torch, so that a
     command (`python -m gpt2kids.evaluate`) can set up its Ctrl-C before torch's import, a second or so."""
     if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
+        value = globals()[name] = getattr(importlib.import_module(_HOMES[name]), name)  # found once
+        return value
     raise AttributeError(f"module 'gpt2kids' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -1,4 +1,5 @@
-"""What every command line shares: one-line errors with exit status 2, and the runner around `main`."""
+"""What every command line shares: one-line errors with exit status 2, the runner around `main`, a quiet Ctrl-C
+while it starts, the flags a user gave, and the seed check (the page's seed box uses it too)."""
 
 from __future__ import annotations
 

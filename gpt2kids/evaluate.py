@@ -116,10 +116,11 @@ def read_texts(data: str) -> list[str]:
     return run_folder.held_out_stories(path) if (path / run_folder.TRAIN_CONFIG).is_file() else read_stories(path)
 
 
-def prepare(specs: list[str], texts: list[str], data: str,
-            block_size: int | None = None) -> tuple[list[Candidate], int]:
-    """Each model's blocks of the texts (read from `data`), cut to one block size for all (`block_size`, else
-    min(1024, the smallest context)), and that size; raises `UserError` for a model the texts cannot score."""
+def prepare_candidates(specs: list[str], texts: list[str], source: str,
+                       block_size: int | None = None) -> tuple[list[Candidate], int]:
+    """Each model's blocks of the texts, cut to one block size for all (`block_size`, else min(1024, the smallest
+    context)), and that size; raises `UserError` for a model the texts cannot score (naming `source`, where the
+    texts came from)."""
     folders = [resolve(spec) for spec in specs]
     configs = [GPT2Config.from_json_file(folder / "config.json") for folder in folders]
     tokenizers = [load_tokenizer(folder) for folder in folders]
@@ -139,7 +140,7 @@ def prepare(specs: list[str], texts: list[str], data: str,
             blocks_of[key] = make_blocks(texts, tokenizer, block_size)
         blocks = blocks_of[key]
         if len(blocks) == 0:
-            raise UserError(f"the texts in {data} give fewer than {block_size} tokens with the tokenizer of "
+            raise UserError(f"the texts in {source} give fewer than {block_size} tokens with the tokenizer of "
                             f"{spec}, so not one block; add texts or lower --block-size")
         if int(blocks.max()) >= config.vocab_size:
             raise UserError(f"the tokenizer of {spec} gives ids up to {int(blocks.max())} but the model has "
@@ -150,8 +151,14 @@ def prepare(specs: list[str], texts: list[str], data: str,
     return candidates, block_size
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+
+
 def score(candidate: Candidate, device: torch.device, precision: Precision, batch_size: int = 8) -> Result:
     """Load the candidate's model (one in memory at a time: it is freed on return) and score its blocks."""
+    check_batch_size(batch_size)
     model, _ = load_model(candidate.folder, device)
     use_memory_saving_kernels(model)  # the loss by chunks: the full logits never exist
     loss, predictions = mean_loss(model, candidate.blocks, precision, batch_size, label=candidate.label)
@@ -163,12 +170,11 @@ def score(candidate: Candidate, device: torch.device, precision: Precision, batc
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    check_batch_size(args.batch_size)  # before anything loads
     texts = read_texts(args.data)
     device = resolve_device(args.device)
     precision = choose_precision(args.precision, device)
-    candidates, block_size = prepare(args.models, texts, args.data, args.block_size)
+    candidates, block_size = prepare_candidates(args.models, texts, args.data, args.block_size)
     print(f"{args.data}: {len(texts)} texts; blocks of {block_size} tokens, the last partial block dropped; "
           f"{device} ({precision.name})", file=sys.stderr)
     # Tokenizers that serialize differently may still cut the texts into the same tokens: the blocks decide.

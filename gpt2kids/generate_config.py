@@ -49,7 +49,8 @@ class GenerateConfig:
     # line): the settings away from their defaults count as given.
     given: frozenset[str] | None = None
 
-    def flags_set(self) -> frozenset[str]:
+    def given_flags(self) -> frozenset[str]:
+        """The settings the user set: `given`, or for settings built in code those away from their defaults."""
         if self.given is not None:
             return self.given
         defaults, default_sampling = GenerateConfig(), SamplingSettings()
@@ -60,14 +61,14 @@ class GenerateConfig:
     def validate(self) -> None:
         """Raise `UserError` for the first value or combination of flags that cannot run, saying what to change."""
         self.sampling.validate()
-        check_seed(self.seed)
+        check_seed(self.seed, "--seed")
         for name, what in (("model", "a run folder, an export, an HF folder or a hub id"),
                            ("prompts_file", "a file of prompts, or - for standard input")):
             if getattr(self, name) == "":  # an unset shell variable: not "the default", and not "."
                 raise UserError(f"--{name.replace('_', '-')} is empty; name {what}, or leave the flag out")
         if self.format not in FORMATS:
             raise UserError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
-        given = self.flags_set()
+        given = self.given_flags()
         if not self.serve and {"host", "port"} & given:
             raise UserError("--host and --port only apply with --serve")
         if self.sampling.greedy and self.sampling.num_return_sequences > 1:  # as transformers refuses it

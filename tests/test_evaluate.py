@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, SAMPLE_TEXTS
 
 from gpt2kids import evaluate
+from gpt2kids.errors import UserError
 from gpt2kids.tokenizer import Tokenizer
 
 CPU_FP32 = ["--precision", "fp32", "--device", "cpu"]
@@ -104,10 +105,13 @@ def test_the_package_functions_score_from_python_as_the_command_does(models, tex
 
     folder_a, _ = models["a"]
     records, _ = run_jsonl(capsys, str(folder_a), "--data", str(texts), "--block-size", "32", *CPU_FP32)
-    candidates, block_size = evaluate.prepare([str(folder_a)], evaluate.read_texts(str(texts)), str(texts), 32)
+    candidates, block_size = evaluate.prepare_candidates([str(folder_a)], evaluate.read_texts(str(texts)),
+                                                         str(texts), 32)
     cpu = torch.device("cpu")
     assert block_size == 32 and [candidate.label for candidate in candidates] == [str(folder_a)]
     assert asdict(evaluate.score(candidates[0], cpu, choose_precision("fp32", cpu))) == records[0]
+    with pytest.raises(UserError, match="--batch-size 0 must be at least 1"):
+        evaluate.score(candidates[0], cpu, choose_precision("fp32", cpu), batch_size=0)
 
 
 def test_the_last_partial_block_is_dropped(models, texts, capsys, tokenizer):

@@ -197,7 +197,7 @@ def test_warnings_number_prompts_across_batches_of_a_prompts_file(model_folder, 
     (["--model", "{missing}"], "does not exist"),
     (["--top-k", "ten"], "--top-k"),
     (["\udcff"], "not valid UTF-8"),
-    (["--seed", str(2**64)], "seed must be"),  # torch would raise (the other flag checks: test_generate_config.py)
+    (["--seed", str(2**64)], "--seed must be"),  # torch would raise (the other flag checks: test_generate_config.py)
     (["--device", "cuda:99"], "--device cuda:99"),  # the only line: said before the "model:" line
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a GPU"),
     (["--prompts-file", "{folder}"], "is a folder; pass a file of prompts"),

@@ -31,8 +31,8 @@ def test_prompts_come_before_after_and_between_the_flags_and_after_a_double_dash
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--temperature", "0"], "pass --greedy"),
-    (["--seed", "-1"], "seed must be a whole number"),  # torch would wrap it
-    (["--seed", str(2**63)], "seed must be a whole number"),  # torch would raise
+    (["--seed", "-1"], "--seed must be a whole number"),  # torch would wrap it
+    (["--seed", str(2**63)], "--seed must be a whole number"),  # torch would raise
     (["--model", ""], "--model is empty"),
     (["--prompts-file", ""], "--prompts-file is empty"),
     (["--port", "7860"], "--host and --port only apply with --serve"),  # given, at its default

@@ -599,8 +599,8 @@ def test_a_signal_the_shell_ignores_stays_ignored_while_training():
 
 
 def test_a_second_signal_that_comes_while_the_first_is_announced_aborts(monkeypatch):
-    """The stop is announced after the handler is handed back, so a second Ctrl-C (torchrun forwards one beside
-    the terminal's) cannot land in the first one's handler and be lost."""
+    """The stop is announced after the handler is handed back, so a second Ctrl-C typed while the first is
+    announced cannot land in the first one's handler and be lost."""
     import signal
     from types import SimpleNamespace
 
