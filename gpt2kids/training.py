@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt2kids import checkpoint, data, model_card, run_folder
+from gpt2kids.atomic_files import atomic_write_text
 from gpt2kids.config import GPT2Config, preset
 from gpt2kids.decode_loop import generate
 from gpt2kids.device import Precision, choose_precision, resolve_device
@@ -69,6 +70,7 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
     stopped_early: str | None = None  # why --early-stopping ended the run
     finished: bool = False
+    best_at: tuple[int, int] | None = None  # (epoch, step) of best/'s weights, for its card
 
 
 @dataclass
@@ -225,6 +227,7 @@ def evaluate_and_keep_best(run: Run, end_of_epoch_row: dict[str, Any] | None = N
     if math.isfinite(eval_loss) and (best is None or math.isnan(best) or eval_loss < best):
         progress.best_eval_loss = eval_loss
         progress.evaluations_without_improvement = 0
+        progress.best_at = (shown_epoch(progress), progress.step)
         save_export(run, "best")
     else:
         progress.evaluations_without_improvement += 1
@@ -290,9 +293,17 @@ def timing(run: Run, activity: str) -> Iterator[None]:
         run.seconds[activity] += time.perf_counter() - start
 
 
+def shown_epoch(progress: Progress) -> int:
+    """The epoch a step belongs to, from 1 (a step at an epoch's end belongs to that epoch)."""
+    return progress.epoch + 1 if progress.step_in_epoch else progress.epoch
+
+
 def card_files_for(run: Run, which: str) -> dict[str, str]:
-    """The card files of a run's `best/` or `final/` export, at the run's current step."""
+    """The card files of a run's `final/` export at the run's current step, or of `best/` at its step."""
     config, dataset, progress = run.config, run.dataset, run.progress
+    epoch, step = shown_epoch(progress), progress.step
+    if which == "best" and progress.best_at is not None:  # older checkpoints: not recorded (best/ is at this step)
+        epoch, step = progress.best_at
     # Local paths by their names only: the card is meant for the hub.
     data_name = Path(config.data).name if config.data else "the bundled gpt2kids Indonesian children's stories"
     (beta1, beta2), eps = run.optimizer.defaults["betas"], run.optimizer.defaults["eps"]  # what it runs with
@@ -314,8 +325,8 @@ def card_files_for(run: Run, which: str) -> dict[str, str]:
         stopped = f"--max-steps {config.max_steps}"
     facts = model_card.CardFacts(
         title=f"gpt2kids: {run.folder.name} ({which})", base_model=run.base_model, data_description=description,
-        hyperparameters=hyperparameters, history=list(progress.history), export=which,
-        epoch=progress.epoch + 1 if progress.step_in_epoch else progress.epoch, step=progress.step,
+        hyperparameters=hyperparameters, history=[row for row in progress.history if row["step"] <= step],
+        export=which, epoch=epoch, step=step,
         total_steps=run.total_steps, stopped_early=stopped,
         eval_loss=progress.best_eval_loss if which == "best" else final_eval,
         model_id=config.push_to_hub,
@@ -420,9 +431,16 @@ def check_early_stopping(run: Run) -> None:
 
 def finish_run(run: Run) -> None:
     """Export final/ (after --max-steps too: a smoke run still leaves a usable model); a run that is over
-    is marked finished, which its next checkpoint records."""
+    is marked finished, which its next checkpoint records. After an early stop best/'s card says so too."""
     run.progress.finished = run.is_over
     save_export(run, "final")
+    progress = run.progress
+    if progress.stopped_early and progress.best_at is not None and (run.folder / "best").is_dir():
+        with timing(run, "saving"):
+            if run.dist.is_main:  # the card only: best/'s weights stay as they were
+                for name, text in card_files_for(run, "best").items():
+                    atomic_write_text(run.folder / "best" / name, text)
+            run.dist.barrier()
 
 
 @contextlib.contextmanager

@@ -464,6 +464,7 @@ def test_early_stopping_stops_after_n_evaluations_without_a_new_best(tmp_path, i
     assert "stopped early" in (out / "final" / "README.md").read_text()
     best = (out / "best" / "README.md").read_text()
     assert "epoch 2, step" in best and len(epoch_rows(best)) == 2  # best/ is epoch 2's, with the rows up to it
+    assert f"The run stopped early: {progress.stopped_early}." in best  # said when the run ended, after best/
 
 
 def test_a_non_finite_eval_loss_is_never_the_best(tmp_path, init_folder, corpus, monkeypatch):
