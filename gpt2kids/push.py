@@ -108,6 +108,28 @@ def commit_files(folder: Path, repo_id: str) -> list[Any]:
     return operations
 
 
+def check_token_can_write(token: str, api: Any = None) -> None:
+    """Ask the hub about `token` (one request), so that a token it refuses, a read-only token or no network is said
+    before a run trains rather than after its last epoch. `api` (an `HfApi`) is for tests."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = api if api is not None else HfApi(token=token)
+    try:
+        info = api.whoami(token=token)
+    except Exception as error:  # huggingface_hub and its HTTP client raise many classes
+        if isinstance(error, HfHubHTTPError) and getattr(error.response, "status_code", None) == 401:
+            raise _hub_error(error, "") from None
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise UserError(f"could not check the Hugging Face token with the hub ({reason}); check your network and "
+                        "retry, or train without --push-to-hub and push afterwards with python -m gpt2kids.push") \
+            from None
+    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role") if isinstance(info, dict) else None
+    if role == "read":
+        raise UserError("the Hugging Face token can only read: set HF_TOKEN to a token with write access, or run "
+                        "`hf auth login --force` with one")
+
+
 def push_export(folder: Path, repo_id: str, private: bool = False, api: Any = None) -> str:
     """Upload `folder` (an export, or a run folder) to the hub model repo `repo_id`; returns the repo URL.
 

@@ -619,10 +619,10 @@ def prepare_run(config: TrainConfig, dist: Distributed | None = None) -> Run:
     """Everything before the first step: run folder, data, model, optimizer; restored on --resume."""
     dist = dist or Distributed()
     config, folder = run_folder.prepare(config, dist)
-    if config.push_to_hub and dist.is_main:
-        from gpt2kids.push import check_can_push
+    if config.push_to_hub and dist.is_main:  # said before any loading, not after the last epoch
+        from gpt2kids.push import check_can_push, check_token_can_write
 
-        check_can_push(config.push_to_hub)  # no token, or offline: said before any loading, not after the last epoch
+        check_token_can_write(check_can_push(config.push_to_hub))  # no token, offline; a bad token, no network
     device = resolve_device(dist.device_name(config.device))
     precision = choose_precision(config.precision, device)
     torch.manual_seed(config.seed)

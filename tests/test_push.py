@@ -49,6 +49,9 @@ def hub(monkeypatch):
             return result
         return method
 
+    # The token check before a run trains: a write token (not recorded: the tests count what is sent).
+    monkeypatch.setattr(HfApi, "whoami", lambda self, token=None, *, cache=False: {
+        "name": "me", "auth": {"accessToken": {"role": "write"}}})
     monkeypatch.setattr(HfApi, "create_repo", recorder("create_repo", "https://huggingface.co/me/kids"))
     monkeypatch.setattr(HfApi, "create_commit", recorder("create_commit", None))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -141,6 +144,50 @@ def test_hub_errors_become_one_line(tmp_path, hub, error, expected):
         push_export(tmp_path / "best", "me/kids", api=api)
     assert expected in str(raised.value) and "\n" not in str(raised.value)
     assert api.uploads == 0
+
+
+class TokenApi:
+    """An HfApi whose whoami answers `answer` (a dict) or raises it."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def whoami(self, token=None, **_options):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (http_error(401), "the Hugging Face hub refused the token (401 Unauthorized)"),
+    ({"name": "me", "auth": {"accessToken": {"role": "read"}}}, "the Hugging Face token can only read"),
+    (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"),
+     "could not check the Hugging Face token with the hub ([Errno -3] Temporary failure in name resolution); check "
+     "your network"),
+    (http_error(503), "could not check the Hugging Face token with the hub (503 Client Error)"),
+], ids=["refused", "read-only", "no network", "hub down"])
+def test_a_token_that_cannot_push_is_one_line(answer, expected):
+    from gpt2kids.push import check_token_can_write
+
+    with pytest.raises(UserError) as raised:
+        check_token_can_write("hf_test", api=TokenApi(answer))
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("role", ["write", "fineGrained", None])
+def test_a_token_that_may_write_passes(role):
+    from gpt2kids.push import check_token_can_write
+
+    check_token_can_write("hf_test", api=TokenApi({"name": "me", "auth": {"accessToken": {"role": role}}}))
+
+
+def test_train_push_to_hub_with_a_token_the_hub_refuses_stops_before_the_run_folder_exists(tmp_path, init_folder,
+                                                                                         corpus, hub, monkeypatch):
+    monkeypatch.setattr(HfApi, "whoami", lambda self, token=None, **options: (_ for _ in ()).throw(http_error(401)))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="refused the token"):
+        train(config_for(init_folder, corpus, out, push_to_hub="me/kids"))
+    assert not out.exists()
 
 
 # --- the command line ---------------------------------------------------------------------------
