@@ -27,7 +27,7 @@ from gpt2kids.cli import ArgumentParser, run_cli
 from gpt2kids.config import GPT2Config
 from gpt2kids.data import DEFAULT_BLOCK_SIZE, read_stories
 from gpt2kids.device import PRECISIONS, Precision, choose_precision, resolve_device
-from gpt2kids.errors import UserError, warn
+from gpt2kids.errors import UserError, say, warn
 from gpt2kids.hf import load_model, load_tokenizer, resolve
 from gpt2kids.loss import perplexity
 from gpt2kids.memory_saving import use_memory_saving_kernels
@@ -126,6 +126,9 @@ def prepare_candidates(specs: list[str], texts: list[str], source: str,
     tokenizers = [load_tokenizer(folder) for folder in folders]
     if block_size is None:  # not `or`: --block-size 0 is refused below, not replaced
         block_size = min(DEFAULT_BLOCK_SIZE, *(config.n_positions for config in configs))
+        if any(min(DEFAULT_BLOCK_SIZE, config.n_positions) > block_size for config in configs):
+            say(f"note: every model is scored on blocks of {block_size} tokens, the smallest context among them; a "
+                "figure compares with another (a published card's) only at the same block size")
     if block_size < 2:
         raise UserError(f"--block-size {block_size} is too small; a block of T tokens gives T - 1 predictions, "
                         "so use 2 or more")
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = choose_precision(args.precision, device)
     candidates, block_size = prepare_candidates(args.models, texts, args.data, args.block_size)
-    print(f"{args.data}: {len(texts)} texts; blocks of {block_size} tokens, the last partial block dropped; "
+    print(f"{args.data}: {len(texts)} text{'' if len(texts) == 1 else 's'}; blocks of {block_size} tokens, the last "
+          "partial block dropped; "
           f"{device} ({precision.name})", file=sys.stderr)
     # Tokenizers that serialize differently may still cut the texts into the same tokens: the blocks decide.
     tokens_differ = any(not torch.equal(other.blocks, candidates[0].blocks) for other in candidates[1:])

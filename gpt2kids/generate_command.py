@@ -42,14 +42,19 @@ def run(config: GenerateConfig) -> None:
     # A bad --device or --precision is the only line on stderr, before the model is named and loaded.
     check_inference_precision(config.precision, resolve_device(config.device))
     spec, why = choose_model(config.model)
-    folder = resolve(spec)  # a hub id is fetched (or found in the cache) once, here
+    try:
+        folder = resolve(spec)  # a hub id is fetched (or found in the cache) once, here
+    except UserError as error:
+        if config.model is not None:
+            raise
+        raise UserError(f"{error} (no --model given: {why})") from None  # a model the user never named
     print(f"model: {folder}: {why}", file=sys.stderr)  # first: the kernel choice may print a line too
     generator = StoryGenerator.load(folder, config.device, config.precision, config.compile)
     print(f"loaded on {generator.description}", file=sys.stderr)
     settings, context = config.sampling, generator.model.config.n_positions
     if settings.max_new_tokens > context:  # a one-token prompt and N new tokens take N positions
-        warn(f"--max-new-tokens {settings.max_new_tokens} does not fit the context of {context}; prompts are kept "
-             "and generation stops when the context is full")
+        warn(f"--max-new-tokens {settings.max_new_tokens} does not fit the context of {context}; a prompt keeps what "
+             "fits of it and generation stops when the context is full")
     if config.serve:
         from gpt2kids.serve import WIDGET_PROMPT, serve
 
@@ -61,8 +66,8 @@ def run(config: GenerateConfig) -> None:
         start = time.perf_counter()
         produced = write_stories(generator, prompts, settings, config.format, config.seed)
         elapsed = time.perf_counter() - start
-        print(f"{produced} new tokens in {elapsed:.2f} s ({produced / max(elapsed, 1e-9):.1f} tokens/s)",
-              file=sys.stderr)
+        print(f"{produced} new token{'' if produced == 1 else 's'} in {elapsed:.2f} s "
+              f"({produced / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
 
 
 def choose_model(spec: str | None, runs: Path = Path("runs")) -> tuple[str, str]:

@@ -111,7 +111,8 @@ def build_parser() -> ArgumentParser:
     add("--num-return-sequences", type=int, default=sampling.num_return_sequences, metavar="N",
         help="stories per prompt")
     add("--greedy", action="store_true", help="argmax decoding")
-    add("--seed", type=int, default=defaults.seed, metavar="N", help="same seed, same text")
+    add("--seed", type=int, default=defaults.seed, metavar="N",
+        help="same seed, same text (default: none, a different story each time)")
     add("--format", choices=FORMATS, default=defaults.format,
         help="text streams each sequence; jsonl prints {prompt, completion, text, new_tokens} per sequence")
     add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")

@@ -47,8 +47,8 @@ class TrainConfig:
     init: str = flag(DEFAULT_INIT, "a hub id, a local HF folder, a gpt2kids run folder or export, or 'scratch'")
     model_size: str = flag("small", "with --init scratch: tiny (4 layers, 256 wide, 256 context) or small "
                                     "(GPT-2 Small)", choices=("tiny", "small"))
-    tokenizer: str | None = flag(None, "tokenizer.json or a folder with one (default: the init checkpoint's; "
-                                       "with --init scratch, a BPE trained on the stories)")
+    tokenizer: str | None = flag(None, "tokenizer.json, or a folder with it or with vocab.json + merges.txt (default: "
+                                       "the init checkpoint's; with --init scratch, a BPE trained on the stories)")
     vocab_size: int = flag(8000, "the most tokens of a tokenizer trained with --init scratch")
     out: str | None = flag(None, "run folder (default: runs/<date-time>)")
     epochs: int = flag(10, "passes over the training stories")

@@ -160,6 +160,9 @@ def test_models_sharing_a_tokenizer_share_blocks_and_one_table(models, texts, ca
     assert [r["blocks"] for r in records] == [expected_blocks] * 2
     assert [r["tokens"] for r in records] == [expected_blocks * 63] * 2
     assert "tokenizers differ" not in err
+    assert "note: every model is scored on blocks of 64 tokens, the smallest context among them" in err  # b's is 128
+    _, err = run_jsonl(capsys, str(folder_b), str(folder_a), "--data", str(texts), "--block-size", "64", *CPU_FP32)
+    assert "blocks of 64 tokens" in err and "smallest context" not in err  # asked for: no note
 
     assert evaluate.main([str(folder_b), str(folder_a), "--data", str(texts), *CPU_FP32]) == 0
     header, *rows = capsys.readouterr().out.splitlines()

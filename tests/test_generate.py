@@ -296,6 +296,8 @@ def test_without_model_or_runs_the_published_model_is_named(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and HUB_DEFAULT in lines[0], result.stderr
+    assert lines[0].endswith("(no --model given: the published model, since runs/ holds no export (train one with "
+                             "python train.py))"), lines[0]  # why a model the user never named
     assert not (tmp_path / "runs").exists()
 
 
