@@ -518,6 +518,9 @@ def run_epochs(run: Run) -> Progress:
     if progress.finished and run.config.drop_resume_state and run.dist.is_main:
         run_folder.drop_resume_state(run.folder)
     report_where_things_are(run, time.perf_counter() - started)
+    if not progress.finished:  # --max-steps: the run goes on from its checkpoint
+        say(f"stopped at --max-steps {run.config.max_steps} (step {progress.step} of {run.total_steps}); continue "
+            f"with: {run_folder.resume_command(run.folder, run.dist.world_size)}")
     if progress.finished and run.config.push_to_hub and run.dist.is_main:
         push_export(run)
     elif run.config.push_to_hub and not progress.finished:  # --max-steps ended this session before the run's end

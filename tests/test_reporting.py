@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 from conftest import run_train
@@ -60,6 +61,9 @@ def test_a_max_steps_run_also_says_where_the_model_is(tmp_path, init_folder, cor
     assert f"exports: {out / 'final'}/" in result.stderr
     assert f"python generate.py --model '{out / 'final'}' " in result.stderr  # no evaluation yet: no best/
     assert f"tensorboard --logdir '{out}'" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"stopped at --max-steps 2 \(step 2 of \d+\); continue with: python train.py --out "
+                        rf"{re.escape(repr(str(out)))} --resume", last), last
 
 
 def hparams_summaries(run_dir) -> int:
