@@ -502,6 +502,7 @@ def run_epochs(run: Run) -> Progress:
         return progress
     run.reporter = Reporter(run.folder, run.dist.is_main, progress.step, dataclasses.asdict(run.config),
                             resumed=run.config.resume)
+    status = None  # TensorBoard's status of the run: none for a session that stops to be resumed
     try:
         with stop_on_signals(run):
             while not run.is_over:
@@ -511,8 +512,12 @@ def run_epochs(run: Run) -> Progress:
             finish_run(run)
             if progress.finished:
                 save_checkpoint(run)
+        status = "STATUS_SUCCESS" if progress.finished else None
+    except TrainingDiverged:
+        status = "STATUS_FAILURE"
+        raise
     finally:
-        run.reporter.close()
+        run.reporter.close(status)
     if progress.stopped_early:
         say(f"stopped early: {progress.stopped_early}")
     if progress.finished and run.config.drop_resume_state and run.dist.is_main:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import signal
 
-from conftest import run_train
+from conftest import config_for, run_train
 from test_checkpoint import flags, run_with_fault
 
 
@@ -83,3 +83,28 @@ def test_hparams_are_logged_once_per_run_even_when_its_first_session_logged_noth
     assert hparams_summaries(tmp_path) == 1
     Reporter(tmp_path, True, 0, settings, resumed=True).close()  # a second session: not again
     assert hparams_summaries(tmp_path) == 1
+
+
+def session_end_statuses(run_dir) -> list[str]:
+    """The statuses of the hparams plugin's session-end summaries in the run's events, in order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams.api_pb2 import Status
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    return [Status.Name(HParamsPluginData.FromString(value.metadata.plugin_data.content).session_end_info.status)
+            for path in sorted(run_dir.glob("events.out.tfevents.*")) for event in EventFileLoader(str(path)).Load()
+            for value in event.summary.value if value.tag == "_hparams_/session_end_info"]
+
+
+def test_the_hparams_tab_shows_a_run_as_a_success_only_when_it_has_finished(tmp_path, init_folder, corpus):
+    from gpt2kids.reporting import Reporter
+    from gpt2kids.training import train
+
+    out = tmp_path / "run"
+    train(config_for(init_folder, corpus, out, max_steps=2))
+    assert session_end_statuses(out) == []  # stopped to be resumed: not a success yet
+    assert train(config_for(init_folder, corpus, out, resume=True)).finished
+    assert session_end_statuses(out) == ["STATUS_SUCCESS"]
+    Reporter(tmp_path / "diverged", True, 0, {"lr": 1.0}).close("STATUS_FAILURE")  # what a diverged run closes with
+    assert session_end_statuses(tmp_path / "diverged") == ["STATUS_FAILURE"]
+

@@ -445,6 +445,9 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
                                      f"{out / 'final'}/ is as it was; lower --lr")
     assert all(torch.equal(kept[k], v) for k, v in final_weights(out).items())
     assert (out / "final" / "model.safetensors").read_bytes() == kept_export
+    from test_reporting import session_end_statuses
+
+    assert session_end_statuses(out) == ["STATUS_FAILURE"]  # TensorBoard's HParams tab: failed, not a success
 
 
 def epoch_rows(card: str) -> list[str]:
