@@ -82,9 +82,9 @@ class Checkpoint:
         return self.state["progress"]
 
 
-def last_good(run_dir: Path) -> Path | None:
-    """The checkpoint folder a resume would start from: checkpoint/, else checkpoint-previous/ (after a resume
-    fell back and set a damaged checkpoint/ aside), else None."""
+def newest_folder(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder, not verified: checkpoint/, else checkpoint-previous/ (after a resume fell back
+    and set a damaged checkpoint/ aside), else None."""
     return next((run_dir / name for name in (CHECKPOINT, PREVIOUS) if (run_dir / name).is_dir()), None)
 
 
@@ -100,8 +100,8 @@ def save(run_dir: Path, model: GPT2, state: dict[str, Any]) -> None:
         manifest = checksums(folder, FILES)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    kept = last_good(run_dir)
-    kept = f"the last checkpoint ({kept}/) is untouched" if kept else "no checkpoint was written"
+    newest = newest_folder(run_dir)
+    kept = f"the last checkpoint ({newest}/) is untouched" if newest else "no checkpoint was written"
     try:
         replace_folder(run_dir / CHECKPOINT, fill, previous=run_dir / PREVIOUS)
     except OSError as error:
@@ -149,7 +149,7 @@ def _read(folder: Path) -> Checkpoint:
 
 
 def exists(run_dir: Path) -> bool:
-    return (run_dir / CHECKPOINT).is_dir() or (run_dir / PREVIOUS).is_dir()
+    return newest_folder(run_dir) is not None
 
 
 def set_aside_damaged(run_dir: Path) -> None:

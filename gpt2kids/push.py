@@ -45,13 +45,16 @@ def export_folder(path: str | Path) -> Path:
     return folder
 
 
+REFUSED_TOKEN = ("the Hugging Face hub refused the token (401 Unauthorized): run `hf auth login` again or set a "
+                 "valid HF_TOKEN")
+
+
 def _hub_error(error: Exception, repo_id: str) -> UserError:
     from huggingface_hub.errors import HfHubHTTPError
 
     status = getattr(error.response, "status_code", None) if isinstance(error, HfHubHTTPError) else None
     if status == 401:
-        return UserError("the Hugging Face hub refused the token (401 Unauthorized): run `hf auth login` again "
-                         "or set a valid HF_TOKEN")
+        return UserError(REFUSED_TOKEN)
     if status == 403:
         return UserError(f"the token may not write to {repo_id} (403 Forbidden): use a token with write access, "
                          "and a repo under your own name or an organisation you belong to")
@@ -119,7 +122,7 @@ def check_token_can_write(token: str, api: Any = None) -> None:
         info = api.whoami(token=token)
     except Exception as error:  # huggingface_hub and its HTTP client raise many classes
         if isinstance(error, HfHubHTTPError) and getattr(error.response, "status_code", None) == 401:
-            raise _hub_error(error, "") from None
+            raise UserError(REFUSED_TOKEN) from None
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise UserError(f"could not check the Hugging Face token with the hub ({reason}); check your network and "
                         "retry, or train without --push-to-hub and push afterwards with python -m gpt2kids.push") \

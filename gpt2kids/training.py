@@ -342,8 +342,8 @@ def check_diverged(run: Run, result: StepResult) -> None:
     # fp16: after a skipped step the scaler lowers its scale and the next step usually succeeds.
     give_up_after = MAX_SKIPPED_STEPS if run.precision.needs_grad_scaler else 1
     if progress.skipped_in_a_row >= give_up_after:
-        saved = checkpoint.last_good(run.folder)
-        exports = [f"{run.folder / name}/" for name in RUN_EXPORTS if (run.folder / name).is_dir()]
+        saved = checkpoint.newest_folder(run.folder)
+        exports = exports_in(run.folder)
         kept = f"{saved}/ holds the last good state" if saved else "no checkpoint was saved yet"
         if exports:
             kept += f", and {' and '.join(exports)} " + ("is as it was" if len(exports) == 1 else "are as they were")
@@ -536,11 +536,16 @@ def run_epochs(run: Run) -> Progress:
     return progress
 
 
+def exports_in(folder: Path) -> list[str]:
+    """The run's exports that exist, as "FOLDER/best/" and "FOLDER/final/"."""
+    return [f"{folder / name}/" for name in RUN_EXPORTS if (folder / name).is_dir()]
+
+
 def report_where_things_are(run: Run, seconds: float) -> None:
     if not run.dist.is_main:
         return  # only the main process reports (and walks the run folder for its size)
     folder = run.folder
-    exports = [f"{folder / name}/" for name in RUN_EXPORTS if (folder / name).is_dir()]
+    exports = exports_in(folder)
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     say(f"exports: {', '.join(exports)}; the run folder holds {run_folder.human_size(size)}")
     spent = run.seconds
